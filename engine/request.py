@@ -1,0 +1,83 @@
+"""Plain request / event types: the engine's public vocabulary.
+
+The server builds these from the wire format; the engine never sees pydantic models.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None          # None: whatever fits in the context
+    temperature: float = 1.0               # 0 -> greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    min_tokens: int = 0                    # EOS is masked until this many tokens (benchmarks)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **kw) -> "SamplingParams":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass
+class ConstraintSpec:
+    """What the output must match; compiled by engine.constraints.
+
+    kind: "json_object" | "json_schema" | "tools"
+    schema: the JSON schema (json_schema).
+    tools: list of {"name", "description", "parameters"} (tools).
+    tool_choice: "auto" | "required" | a tool name (tools).
+    parallel_tool_calls: allow more than one call (tools).
+    """
+    kind: str
+    schema: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraint: Any = None                 # a compiled constraint (engine.constraints), or None
+    images: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
+class TokenEvent:
+    """One step's output for one request.
+
+    text: newly released text (UTF-8 complete, stop strings held back / removed).
+    token_ids: ids sampled this step (usually one).
+    logprobs: one entry per token whose text is released with this event.
+    finish_reason: None while running; "stop" | "length" | "abort" | "error" at the end.
+    """
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
