@@ -1,0 +1,90 @@
+"""The running batch's KV cache: one left-padded DynamicCache shared by all decoding rows.
+
+Rows join after their own (unpadded, possibly chunked) prefill and leave the step they finish.
+Joining left-pads whichever side is shorter; leaving drops the row and trims columns that became
+padding for every remaining row. Each decode step then runs one forward over all rows with a 2-D
+attention mask that hides each row's padding, and per-row position ids.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+def _layers(cache: DynamicCache):
+    return [layer for layer in cache.layers]
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.layers[0].keys.shape[-2] if cache.layers and cache.layers[0].is_initialized else 0
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(t, (0, 0, n, 0)) if n else t   # [B, H, T, D]: pad T on the left
+
+
+class DecodeBatch:
+    def __init__(self, device: str):
+        self.device = device
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None    # [B, T] long: 1 real, 0 padding
+        self.lengths: list[int] = []             # real tokens per row (= next position id)
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def join(self, cache: DynamicCache) -> int:
+        """Append a row from a prefilled batch-1 cache; returns its row index."""
+        n = cache_length(cache)
+        if self.cache is None:
+            self.cache = cache
+            self.mask = torch.ones(1, n, dtype=torch.long, device=self.device)
+            self.lengths = [n]
+            return 0
+        width = self.width
+        grow = max(0, n - width)
+        row_pad = max(0, width - n)
+        for mine, new in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(new.keys, row_pad)], dim=0)
+            mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(new.values, row_pad)], dim=0)
+        row_mask = torch.cat([torch.zeros(1, row_pad, dtype=torch.long, device=self.device),
+                              torch.ones(1, n, dtype=torch.long, device=self.device)], dim=1)
+        self.mask = torch.cat([F.pad(self.mask, (grow, 0)), row_mask], dim=0)
+        self.lengths.append(n)
+        return self.size - 1
+
+    def remove(self, rows: list[int]) -> None:
+        """Drop rows (indices into the current batch) and trim all-padding columns."""
+        if not rows:
+            return
+        drop = set(rows)
+        keep = [i for i in range(self.size) if i not in drop]
+        if not keep:
+            self.cache, self.mask, self.lengths = None, None, []
+            return
+        self.lengths = [self.lengths[i] for i in keep]
+        trim = self.width - max(self.lengths)
+        idx = torch.tensor(keep, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
+            layer.values = layer.values.index_select(0, idx)[:, :, trim:]
+        self.mask = self.mask.index_select(0, idx)[:, trim:]
+
+    def decode_inputs(self, last_tokens: list[int]) -> dict:
+        """Model kwargs for one decode step of every row."""
+        ids = torch.tensor(last_tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device).unsqueeze(1)
+        self.lengths = [n + 1 for n in self.lengths]
+        width = self.width
+        kwargs = dict(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True,
+                      cache_position=torch.tensor([width - 1], device=self.device))
+        # A batch without padding needs no mask (the fast path generate() takes at batch 1).
+        kwargs["attention_mask"] = None if width == min(self.lengths) else self.mask
+        return kwargs

