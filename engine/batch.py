@@ -25,8 +25,9 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class DecodeBatch:
-    def __init__(self, device: str):
+    def __init__(self, device: str, cache_kw: str = "cache"):
         self.device = device
+        self.cache_kw = cache_kw
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None    # [B, T] long: 1 real, 0 padding
         self.lengths: list[int] = []             # real tokens per row (= next position id)
@@ -83,8 +84,8 @@ class DecodeBatch:
         positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device).unsqueeze(1)
         self.lengths = [n + 1 for n in self.lengths]
         width = self.width
-        kwargs = dict(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True,
-                      cache_position=torch.tensor([width - 1], device=self.device))
+        kwargs = {"input_ids": ids, "position_ids": positions, self.cache_kw: self.cache, "use_cache": True,
+                  "cache_position": torch.tensor([width - 1], device=self.device)}
         # A batch without padding needs no mask (the fast path generate() takes at batch 1).
         kwargs["attention_mask"] = None if width == min(self.lengths) else self.mask
         return kwargs

@@ -10,6 +10,7 @@ async stream of TokenEvents.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -53,7 +54,10 @@ class Engine:
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.scheduler = Scheduler(self.config.max_running, self.config.max_waiting,
                                    self.config.queue_timeout, self.config.prefill_chunk)
-        self.batch = DecodeBatch(self.device)
+        # transformers renamed forward(past_key_values=) to forward(cache=) during 5.x
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.batch = DecodeBatch(self.device, self._cache_kw)
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
         self._in_system = 0
@@ -187,7 +191,7 @@ class Engine:
             self._finish(seq, "error", out, error=message)
         self.scheduler.running = []
         self.scheduler.waiting = type(self.scheduler.waiting)(s for s in self.scheduler.waiting if not s.finished)
-        self.batch = DecodeBatch(self.device)
+        self.batch = DecodeBatch(self.device, self._cache_kw)
         self._deliver(out)
 
     def step(self) -> None:
@@ -241,7 +245,7 @@ class Engine:
         ids = torch.tensor([seq.request.prompt_ids[start:start + n]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, device=self.device)
         out = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), cache_position=positions,
-                         past_key_values=seq.prefill_cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **{self._cache_kw: seq.prefill_cache})
         seq.num_prefilled += n
         self.stats["prefill_tokens"] += n
         return out.logits[:, -1, :].float()

@@ -1,0 +1,202 @@
+"""Engine API tests on the tiny model: batching, per-row parameters, cancellation, admission."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import make_engine
+from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
+from engine.request import GenerationRequest, SamplingParams
+from engine.scheduler import EngineOverloaded
+
+PROMPTS = ["Hello there", "The capital of France", "Tell me about emoji 😀🎉", "def add(a, b):",
+           "Numbers 1 2 3", "Café au lait", "日本語", "The quick brown fox"]
+
+
+def prompt_ids(engine, text: str) -> list[int]:
+    return engine.render_prompt([{"role": "user", "content": text}])
+
+
+async def collect(engine, ids, params, rid="r"):
+    events = []
+    async for ev in engine.generate(GenerationRequest(rid, ids, params)):
+        events.append(ev)
+    return events
+
+
+def result(events):
+    return ("".join(e.text for e in events), [t for e in events for t in e.token_ids], events[-1].finish_reason)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, max_running=32, max_waiting=64)
+    yield eng
+    eng.stop()
+
+
+def test_greedy_alone_equals_inside_a_mixed_batch_of_16(engine):
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    target = prompt_ids(engine, "Tell me about emoji 😀🎉")
+    alone = result(asyncio.run(collect(engine, target, greedy)))
+
+    async def batch():
+        jobs = [collect(engine, target, greedy, "target")]
+        for i in range(15):   # other rows: different lengths, samplers, stops, limits
+            p = SamplingParams(temperature=[0, 0.7, 1.3][i % 3], top_p=[1.0, 0.9][i % 2], seed=i,
+                               max_tokens=5 + 3 * i, stop=["e"] if i % 4 == 0 else [],
+                               frequency_penalty=0.5 if i % 5 == 0 else 0.0)
+            jobs.append(collect(engine, prompt_ids(engine, PROMPTS[i % len(PROMPTS)] * (1 + i % 3)), p, f"o{i}"))
+        return await asyncio.gather(*jobs)
+
+    results = asyncio.run(batch())
+    assert result(results[0]) == alone
+    assert engine.stats["decode_rows"] > engine.stats["decode_steps"]   # rows really were batched
+
+
+def test_each_row_behaves_as_alone_in_a_batch(engine):
+    cases = [
+        ("Hello there", SamplingParams(temperature=1.0, seed=1, max_tokens=20)),
+        ("Hello there", SamplingParams(temperature=1.0, seed=2, max_tokens=20)),
+        ("The quick brown fox", SamplingParams(temperature=0.5, top_p=0.8, seed=3, max_tokens=15)),
+        ("Café au lait", SamplingParams(temperature=0, max_tokens=7)),
+        ("Numbers 1 2 3", SamplingParams(temperature=0, max_tokens=30, presence_penalty=1.5)),
+        ("def add(a, b):", SamplingParams(temperature=0, max_tokens=30, stop=["a", "b"])),
+    ]
+    alone = [result(asyncio.run(collect(engine, prompt_ids(engine, t), p))) for t, p in cases]
+
+    async def together():
+        return await asyncio.gather(*[collect(engine, prompt_ids(engine, t), p, str(i))
+                                      for i, (t, p) in enumerate(cases)])
+
+    together_results = [result(r) for r in asyncio.run(together())]
+    assert together_results == alone
+    assert alone[0][0] != alone[1][0]                       # seeds matter
+    assert alone[3][2] == "length" and len(alone[3][1]) == 7
+    assert "a" not in alone[5][0] and "b" not in alone[5][0]
+
+
+def test_chunked_prefill_gives_the_same_tokens(tiny_model_dir, engine):
+    ids = prompt_ids(engine, " ".join(PROMPTS * 2))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    whole = result(asyncio.run(collect(engine, ids, params)))
+    small = make_engine(tiny_model_dir, prefill_chunk=7)
+    try:
+        chunked = result(asyncio.run(collect(small, ids, params)))
+        assert small.stats["prefill_tokens"] == len(ids)
+    finally:
+        small.stop()
+    assert len(ids) > 7 * 3
+    assert chunked == whole
+
+
+def test_cancelled_streams_leave_the_batch(engine):
+    params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+
+    async def scenario():
+        streams = [engine.generate(GenerationRequest(f"c{i}", prompt_ids(engine, PROMPTS[i % 8]), params))
+                   for i in range(12)]
+        for s in streams:                     # everyone has produced a token: all are running
+            await s.__anext__()
+        assert engine.num_running == 12
+        for s in streams[:5]:
+            await s.aclose()                  # what a client disconnect does
+        for _ in range(3):                    # a few more tokens for the survivors
+            await asyncio.gather(*[s.__anext__() for s in streams[5:]])
+        running_after = engine.num_running
+        rest = await asyncio.gather(*[_drain(s) for s in streams[5:]])
+        return running_after, rest
+
+    running_after, rest = asyncio.run(scenario())
+    assert running_after == 7
+    assert all(ev[-1].finish_reason == "length" and ev[-1].completion_tokens == 150 for ev in rest)
+    assert engine.num_running == 0
+
+
+async def _drain(stream):
+    return [ev async for ev in stream]
+
+
+def test_admission_limits_refuse_the_excess(tiny_model_dir):
+    small = make_engine(tiny_model_dir, max_running=2, max_waiting=2)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    try:
+        async def burst():
+            async def one(i):
+                try:
+                    return await collect(small, prompt_ids(small, PROMPTS[i % 8]), params, str(i))
+                except EngineOverloaded as exc:
+                    return exc
+            return await asyncio.gather(*[one(i) for i in range(10)])
+
+        outcomes = asyncio.run(burst())
+    finally:
+        small.stop()
+    refused = [o for o in outcomes if isinstance(o, EngineOverloaded)]
+    done = [o for o in outcomes if not isinstance(o, EngineOverloaded)]
+    assert len(refused) == 6 and all(r.retry_after >= 1 for r in refused)
+    assert len(done) == 4 and all(ev[-1].completion_tokens == 20 for ev in done)
+
+
+def test_queue_timeout_fails_waiting_requests(tiny_model_dir):
+    small = make_engine(tiny_model_dir, max_running=1, max_waiting=4, queue_timeout=0.1)
+    ids = prompt_ids(small, "Hello")
+    long = SamplingParams(temperature=0, max_tokens=250 - len(ids), ignore_eos=True)
+    try:
+        async def scenario():
+            first = small.generate(GenerationRequest("a", ids, long))
+            head = await first.__anext__()            # "a" holds the only running slot
+            second = await collect(small, ids, long, "b")
+            return [head] + await _drain(first), second
+        first, second = asyncio.run(scenario())
+    finally:
+        small.stop()
+    assert second[-1].finish_reason == "error" and second[-1].error == "queue_timeout"
+    assert first[-1].finish_reason == "length"
+
+
+def test_min_tokens_and_ignore_eos_hold_off_eos(engine):
+    ids = prompt_ids(engine, "Hello there")
+    ev = asyncio.run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=40, min_tokens=40)))
+    assert ev[-1].completion_tokens == 40 and ev[-1].finish_reason == "length"
+
+
+# ---------------------------------------------------------------- detokenization and stop strings
+
+def test_detokenizer_never_emits_a_split_character(engine):
+    tok = engine.tokenizer
+    text = "日本語のテキスト 😀🎉🚀 café"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)          # some tokens are partial bytes
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.add(i) for i in ids] + [detok.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+@pytest.mark.parametrize("pieces, stops, expected, stopped", [
+    (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),
+    (["a", "b", "c", "d"], ["bcd"], "a", True),
+    (["ab", "ab", "ab"], ["abc"], "ababab", False),
+    (["The END", " of it"], ["END", "xyz"], "The ", True),
+    (["no stop here"], [], "no stop here", False),
+])
+def test_stop_strings_spanning_pieces(pieces, stops, expected, stopped):
+    m = StopStringMatcher(stops)
+    out, hit = "", False
+    for p in pieces:
+        text, hit = m.feed(p)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += m.flush()
+    assert (out, hit) == (expected, stopped)
+
+
+def test_stop_holdback_releases_text_that_cannot_start_a_stop():
+    m = StopStringMatcher(["STOP"])
+    assert m.feed("hello S") == ("hello ", False)     # "S" might begin "STOP": held
+    assert m.feed("T") == ("", False)
+    assert m.feed("x") == ("STx", False)               # it did not: released
