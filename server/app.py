@@ -24,8 +24,9 @@ from .validation import ValidatedRequest, parse_body, render_and_fit, validate
 log = logging.getLogger("chatserve.server")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-# Names clients send when they don't care which model answers (huggingface_hub sends "tgi").
-ANY_MODEL = {"", "tgi", "default"}
+# Names clients send when they do not care which model answers (huggingface_hub sends
+# "dummy" or "tgi" when given a base_url).
+ANY_MODEL = {"", "tgi", "dummy", "default"}
 
 
 def _new_id() -> str:
