@@ -65,5 +65,9 @@ class PromptRenderer:
     def render(self, messages: list[dict], *, tools: list[dict] | None = None,
                add_generation_prompt: bool = True) -> list[int]:
         text = self.render_text(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:   # e.g. a lone surrogate from a "\\ud800" JSON escape
+            raise PromptError(f"message text is not valid Unicode: {exc.reason} at position {exc.start}") from None
         # The template already wrote any BOS it wants; don't let the tokenizer add another.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

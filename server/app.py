@@ -44,6 +44,55 @@ def _sse(obj) -> str:
     return f"data: {payload}\n\n"
 
 
+class ClientGone(Exception):
+    pass
+
+
+async def _until_disconnect(request: Request, coro):
+    """Run coro, but cancel it (and raise ClientGone) if the client hangs up first.
+
+    After the body is read, the next ASGI message is http.disconnect, so waiting on receive()
+    sees a hang-up at once, while the request is still queued or generating.
+    """
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(BaseException):
+                await work
+    if work.cancelled():
+        raise ClientGone()
+    return work.result()
+
+
+class APIKeyMiddleware:
+    """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes)."""
+
+    def __init__(self, app, api_key: str, on_error):
+        self.app = app
+        self.key = api_key.encode()
+        self.on_error = on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                response = self.on_error(APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                                  code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                served_names: set[str] | None = None) -> FastAPI:
     app = FastAPI(title="chatserve", version=__version__)
@@ -72,15 +121,8 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         log.exception("unhandled error")
         return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return error_response(APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                               code="invalid_api_key"))
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=error_response)
 
     @app.get("/health")
     async def health():
@@ -123,9 +165,13 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params)
         try:
             stream = engine.generate(req)
-            first = await _first_event(stream)
+            first = await _until_disconnect(request, _first_event(stream))
         except EngineOverloaded as exc:
             raise APIError(429, str(exc), code="server_overloaded", retry_after=exc.retry_after) from None
+        except ClientGone:
+            await stream.aclose()
+            log.info("%s client disconnected while queued; dropped", req.request_id)
+            return Response(status_code=499)
         meta = dict(id=req.request_id, created=int(time.time()), model=engine.model_name,
                     system_fingerprint=fingerprint)
         t0 = time.perf_counter()
@@ -157,22 +203,12 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                     events.append(ev)
             return events
 
-        task = asyncio.ensure_future(collect())
         try:
-            while True:   # a client that hangs up stops its generation too
-                done, _ = await asyncio.wait({task}, timeout=1.0)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    task.cancel()
-                    log.info("%s client disconnected; aborted", meta["id"])
-                    return Response(status_code=499)
-            events = task.result()
+            events = await _until_disconnect(request, collect())
+        except ClientGone:
+            log.info("%s client disconnected; aborted", meta["id"])
+            return Response(status_code=499)
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
             with contextlib.suppress(Exception):
                 await stream.aclose()
         last = events[-1]

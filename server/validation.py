@@ -56,7 +56,8 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data, strict=True)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # the deepest error is the most specific one (e.g. a bad content part, not "expected a string")
+        err = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
         param = _loc(err)
         if err["type"] == "missing":
             msg = f"missing required field: {param}"
@@ -117,7 +118,8 @@ def validate(req: ChatCompletionRequest, *, accepts_images: bool = False) -> Val
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value")
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
-        raise bad_request("max_tokens and max_completion_tokens disagree; send one", param="max_tokens")
+        raise bad_request("max_tokens and max_completion_tokens disagree; send one", param="max_tokens",
+                          code="invalid_value")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:
@@ -135,7 +137,8 @@ def validate(req: ChatCompletionRequest, *, accepts_images: bool = False) -> Val
         raise bad_request("stop sequences must be non-empty strings", param="stop", code="invalid_value")
 
     if req.stream_options is not None and not req.stream:
-        raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+        raise bad_request("stream_options is only allowed when stream is true", param="stream_options",
+                          code="invalid_value")
 
     for name_ in ("tools", "tool_choice", "tool_prompt", "response_format"):
         if getattr(req, name_) is not None:
