@@ -20,6 +20,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
     min_tokens: int = 0                    # EOS is masked until this many tokens (benchmarks)
     ignore_eos: bool = False
 

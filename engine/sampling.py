@@ -22,7 +22,7 @@ def make_generator(seed: int | None, device: str) -> torch.Generator:
 class RowState:
     """What sampling needs to remember for one sequence across steps."""
 
-    __slots__ = ("params", "generator", "counts", "constraint", "eos_ids", "num_generated")
+    __slots__ = ("params", "generator", "counts", "constraint", "eos_ids", "num_generated", "bias")
 
     def __init__(self, params: SamplingParams, device: str, vocab_size: int, eos_ids: list[int],
                  constraint=None):
@@ -32,17 +32,24 @@ class RowState:
         self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device) if penalized else None
         self.constraint = constraint
         self.eos_ids = eos_ids
+        self.bias = None
+        if params.logit_bias:
+            ids = [i for i in params.logit_bias if 0 <= i < vocab_size]
+            self.bias = (torch.tensor(ids, dtype=torch.long, device=device),
+                         torch.tensor([params.logit_bias[i] for i in ids], dtype=torch.float32, device=device))
         self.num_generated = 0
 
     @property
     def needs_row_processing(self) -> bool:
         p = self.params
-        return (self.counts is not None or self.constraint is not None
+        return (self.counts is not None or self.constraint is not None or self.bias is not None
                 or (p.ignore_eos or self.num_generated < p.min_tokens))
 
     def process(self, row: torch.Tensor) -> None:
-        """In-place: penalties (OpenAI's additive form), EOS masking, constraint mask."""
+        """In-place: logit_bias, penalties (OpenAI's additive form), EOS masking, constraint mask."""
         p = self.params
+        if self.bias is not None:
+            row.index_add_(0, self.bias[0], self.bias[1])
         if self.counts is not None:
             row -= self.counts * p.frequency_penalty + (self.counts > 0).to(row.dtype) * p.presence_penalty
         if p.ignore_eos or self.num_generated < p.min_tokens:

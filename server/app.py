@@ -160,7 +160,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                            param="model", code="model_not_found")
         if not engine.alive:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
-        v = validate(wire)
+        v = validate(wire, vocab_size=engine.vocab_size)
         render_and_fit(v, engine)
         req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params)
         try:

@@ -100,6 +100,7 @@ class ChatCompletionRequest(_Req):
     tool_prompt: str | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
     # extensions (vLLM names): used by benchmarks to fix the output length
     ignore_eos: bool | None = None
     min_tokens: int | None = None

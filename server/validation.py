@@ -105,7 +105,7 @@ def _check_messages(req: ChatCompletionRequest, accepts_images: bool) -> list[di
     return out
 
 
-def validate(req: ChatCompletionRequest, *, accepts_images: bool = False) -> ValidatedRequest:
+def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: bool = False) -> ValidatedRequest:
     messages = _check_messages(req, accepts_images)
 
     if req.n is not None and req.n != 1:
@@ -146,6 +146,14 @@ def validate(req: ChatCompletionRequest, *, accepts_images: bool = False) -> Val
     if req.parallel_tool_calls is not None and req.tools is None:
         pass   # harmless without tools (OpenAI ignores it)
 
+    logit_bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise bad_request(f"logit_bias keys must be token ids between 0 and {vocab_size - 1}; got {key!r}",
+                              param="logit_bias", code="invalid_value")
+        _range(f"logit_bias[{key}]", value, -100.0, 100.0)
+        logit_bias[int(key)] = float(value)
+
     temperature = 1.0 if req.temperature is None else req.temperature
     seed = None if req.seed is None else req.seed % (2 ** 63)
     params = SamplingParams(
@@ -158,6 +166,7 @@ def validate(req: ChatCompletionRequest, *, accepts_images: bool = False) -> Val
         presence_penalty=req.presence_penalty or 0.0,
         logprobs=bool(req.logprobs),
         top_logprobs=req.top_logprobs or 0,
+        logit_bias=logit_bias,
         min_tokens=req.min_tokens or 0,
         ignore_eos=bool(req.ignore_eos),
     )

@@ -867,3 +867,17 @@ def test_queue_timeout_gives_503(tiny_model_dir):
                 assert next_data(running_lines)   # the long stream was still going
     finally:
         engine.stop()
+
+
+def test_logit_bias_forces_and_bans_tokens(client, tiny_engine):
+    tok = tiny_engine.tokenizer
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    plain = chat(client, temperature=0, max_tokens=6, min_tokens=6)
+    forced = chat(client, temperature=0, max_tokens=6, min_tokens=6, logit_bias={str(a): 100})
+    assert content_of(forced) == "a" * 6 != content_of(plain)
+    # -100 bans: with "a" banned and "b" pushed, "b" wins, also under sampling
+    swapped = chat(client, temperature=1.0, seed=3, max_tokens=6, min_tokens=6,
+                   logit_bias={str(a): -100, str(b): 100})
+    assert content_of(swapped) == "b" * 6
+    for bad in ({"x": 1}, {"999999": 1}, {"5": 101}):
+        assert_error(client.post(CHAT, json={"messages": MSGS, "logit_bias": bad}), 400)
