@@ -108,11 +108,24 @@ class Engine:
         return self.prompts.render(messages, **kwargs)
 
     @property
+    def tool_family(self) -> str:
+        """How this model writes tool calls (engine.tools.FAMILIES)."""
+        return self.prompts.family
+
+    def compile_constraint(self, spec, timeout: float = 10.0):
+        """ConstraintSpec -> a compiled constraint (cached); raises constraints.ConstraintError.
+
+        Blocking (compiling a new schema can take seconds): call it off the event loop.
+        """
+        return self.constraints.compile(spec, timeout=timeout)
+
+    @property
     def constraints(self):
         """The outlines constraint compiler (built on first use: the vocabulary takes a moment)."""
         if self._constraints is None:
             from .constraints import ConstraintCompiler
-            self._constraints = ConstraintCompiler(self.tokenizer, vocab_size=self.vocab_size)
+            self._constraints = ConstraintCompiler(self.tokenizer, vocab_size=self.vocab_size,
+                                                   eos_token_ids=self.eos_ids)
         return self._constraints
 
     # ------------------------------------------------------------------ public API

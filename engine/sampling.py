@@ -52,8 +52,8 @@ class RowState:
             row.index_add_(0, self.bias[0], self.bias[1])
         if self.counts is not None:
             row -= self.counts * p.frequency_penalty + (self.counts > 0).to(row.dtype) * p.presence_penalty
-        if p.ignore_eos or self.num_generated < p.min_tokens:
-            row[self.eos_ids] = float("-inf")
+        if (p.ignore_eos or self.num_generated < p.min_tokens) and self.constraint is None:
+            row[self.eos_ids] = float("-inf")   # (a constraint decides where EOS may go)
         if self.constraint is not None:
             self.constraint.mask_logits(row)
 

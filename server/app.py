@@ -12,13 +12,16 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine.constraints import ConstraintError, ConstraintTooComplex
 from engine.request import GenerationRequest
 from engine.scheduler import EngineOverloaded
 
 from . import __version__
-from .errors import APIError
+from .errors import APIError, bad_request
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs,
-                       ChunkChoice, Delta, ModelCard, ModelList, TokenLogprobOut, TopLogprob, Usage)
+                       ChunkChoice, Delta, FunctionOut, ModelCard, ModelList, TokenLogprobOut, ToolCallOut,
+                       TopLogprob, Usage)
+from .toolcalls import ToolCallFramer, new_call_id, parse_tool_calls
 from .validation import ValidatedRequest, parse_body, render_and_fit, validate
 
 log = logging.getLogger("chatserve.server")
@@ -93,8 +96,16 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def _wants_tools(v: ValidatedRequest) -> bool:
+    return v.constraint is not None and v.constraint.kind == "tools"
+
+
+def _constraint_param(spec) -> str:
+    return "tools" if spec.kind == "tools" else "response_format"
+
+
 def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               served_names: set[str] | None = None) -> FastAPI:
+               served_names: set[str] | None = None, compile_timeout: float = 10.0) -> FastAPI:
     app = FastAPI(title="chatserve", version=__version__)
     created = int(time.time())
     fingerprint = f"chatserve-{__version__}-{engine.loaded.device}-{engine.loaded.dtype}"
@@ -162,7 +173,9 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             raise APIError(503, "the engine is not running", code="engine_unavailable")
         v = validate(wire, vocab_size=engine.vocab_size)
         render_and_fit(v, engine)
-        req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params)
+        constraint = await _compile(v.constraint) if v.constraint is not None else None
+        req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params,
+                                constraint=constraint)
         try:
             stream = engine.generate(req)
             first = await _until_disconnect(request, _first_event(stream))
@@ -179,6 +192,17 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             return StreamingResponse(_stream(v, stream, first, meta, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _complete(request, v, stream, first, meta, t0)
+
+    async def _compile(spec):
+        """Compile off the event loop (new schemas take seconds); each request gets its own state."""
+        try:
+            compiled = await asyncio.to_thread(engine.compile_constraint, spec, compile_timeout)
+        except ConstraintTooComplex as exc:
+            raise bad_request(f"schema too complex: {exc}", param=_constraint_param(spec),
+                              code="schema_too_complex") from None
+        except ConstraintError as exc:
+            raise bad_request(str(exc), param=_constraint_param(spec), code="invalid_schema") from None
+        return compiled.new_state()
 
     async def _first_event(stream):
         """Wait for the first event, so queue timeouts and engine errors get a real HTTP status."""
@@ -216,11 +240,19 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             raise APIError(500, last.error or "generation failed", code="engine_error")
         text = "".join(e.text for e in events)
         lps = [lp for e in events for lp in e.logprobs]
+        message, finish = AssistantMessage(content=text), last.finish_reason
+        if _wants_tools(v):
+            content, calls = parse_tool_calls(text, engine.tool_family)
+            if calls:
+                message = AssistantMessage(content=content, tool_calls=[
+                    ToolCallOut(id=new_call_id(), function=FunctionOut(name=c["name"], arguments=c["arguments"]))
+                    for c in calls])
+                finish = "tool_calls" if finish == "stop" else finish
         body = ChatCompletion(
             **meta,
-            choices=[Choice(message=AssistantMessage(content=text),
+            choices=[Choice(message=message,
                             logprobs=ChoiceLogprobs(content=_logprobs_out(lps)) if v.params.logprobs else None,
-                            finish_reason=last.finish_reason)],
+                            finish_reason=finish)],
             usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
                         total_tokens=last.prompt_tokens + last.completion_tokens))
         _done_log(meta, last.prompt_tokens, last.completion_tokens, last.finish_reason, t0, False)
@@ -241,6 +273,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             return _sse(d)
 
         last = first
+        calls = ToolCallFramer(engine.tool_family) if _wants_tools(v) else None
         try:
             yield chunk(Delta(role="assistant", content=""))
             event = first
@@ -250,10 +283,19 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                     yield _sse(APIError(500, event.error or "generation failed", code="engine_error").body())
                     break
                 lp = ChoiceLogprobs(content=_logprobs_out(event.logprobs)) if v.params.logprobs and event.logprobs else None
-                if event.text or lp is not None:
-                    yield chunk(Delta(content=event.text), logprobs=lp)
+                if calls is None:
+                    deltas = [Delta(content=event.text)] if event.text else []
+                else:
+                    deltas = calls.feed(event.text, final=event.finish_reason is not None)
+                if lp is not None and not deltas:
+                    deltas = [Delta(content="")]
+                for i, delta in enumerate(deltas):
+                    yield chunk(delta, logprobs=lp if i == 0 else None)
                 if event.finish_reason is not None:
-                    yield chunk(Delta(), finish=event.finish_reason)
+                    finish = event.finish_reason
+                    if calls is not None and calls.count and finish == "stop":
+                        finish = "tool_calls"
+                    yield chunk(Delta(), finish=finish)
                     if v.include_usage:
                         usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
                                       total_tokens=event.prompt_tokens + event.completion_tokens)

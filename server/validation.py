@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
+import jsonschema
 from pydantic import ValidationError
 
 from engine.prompt import PromptError
@@ -140,12 +142,7 @@ def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: boo
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options",
                           code="invalid_value")
 
-    for name_ in ("tools", "tool_choice", "tool_prompt", "response_format"):
-        if getattr(req, name_) is not None:
-            raise bad_request(f"{name_} is not supported yet", param=name_, code="unsupported_parameter")
-    if req.parallel_tool_calls is not None and req.tools is None:
-        pass   # harmless without tools (OpenAI ignores it)
-
+    constraint, tools = _structured_output(req)
     logit_bias = {}
     for key, value in (req.logit_bias or {}).items():
         if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
@@ -171,13 +168,107 @@ def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: boo
         ignore_eos=bool(req.ignore_eos),
     )
     return ValidatedRequest(wire=req, messages=messages, params=params, stream=bool(req.stream),
-                            include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage))
+                            include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+                            constraint=constraint, tools=tools)
+
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_schema(schema, param: str, what: str) -> None:
+    if not isinstance(schema, dict):
+        raise bad_request(f"{what} must be a JSON schema object", param=param, code="invalid_schema")
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise bad_request(f"{what} is not a valid JSON schema: {exc.message} (at {where})", param=param,
+                          code="invalid_schema") from None
+    except Exception as exc:   # e.g. an unresolvable $schema
+        raise bad_request(f"{what} is not a valid JSON schema: {exc}", param=param, code="invalid_schema") from None
+
+
+def _response_format(rf: dict | None) -> ConstraintSpec | None:
+    """OpenAI's shapes, plus TGI's {"type": "json"|"json_object"|"json_schema", "value": ...}."""
+    if rf is None:
+        return None
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if "value" in rf and kind in ("json", "json_object", "json_schema"):          # TGI
+        value = rf["value"]
+        if isinstance(value, dict) and isinstance(value.get("schema"), dict) and "name" in value:
+            value = value["schema"]
+        if value is None or value == {}:
+            return ConstraintSpec(kind="json_object")
+        _check_schema(value, "response_format.value", "response_format.value")
+        return ConstraintSpec(kind="json_schema", schema=value)
+    if kind == "json_object":
+        return ConstraintSpec(kind="json_object")
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise bad_request("response_format.json_schema is required for type json_schema",
+                              param="response_format.json_schema", code="missing_field")
+        if not isinstance(js.get("name"), str) or not js["name"]:
+            raise bad_request("response_format.json_schema.name is required",
+                              param="response_format.json_schema.name", code="missing_field")
+        schema = js.get("schema")
+        if schema is None:
+            return ConstraintSpec(kind="json_object")
+        _check_schema(schema, "response_format.json_schema.schema", "response_format.json_schema.schema")
+        return ConstraintSpec(kind="json_schema", schema=schema)
+    raise bad_request(f"response_format.type must be one of text, json_object, json_schema; got {kind!r}",
+                      param="response_format.type", code="invalid_value")
+
+
+def _structured_output(req: ChatCompletionRequest) -> tuple[ConstraintSpec | None, list[dict] | None]:
+    rf = _response_format(req.response_format)
+    if not req.tools:
+        if req.tool_choice is not None:
+            raise bad_request("tool_choice is only allowed when tools are given", param="tool_choice",
+                              code="invalid_value")
+        if req.tools is not None:
+            raise bad_request("tools must not be empty", param="tools", code="invalid_value")
+        return rf, None
+    tools, names = [], set()
+    for i, tool in enumerate(req.tools):
+        fn = tool.function
+        if tool.type != "function":
+            raise bad_request(f"tools[{i}].type must be 'function'", param=f"tools[{i}].type", code="invalid_value")
+        if not TOOL_NAME.match(fn.name):
+            raise bad_request(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'; got {fn.name!r}",
+                              param=f"tools[{i}].function.name", code="invalid_value")
+        if fn.name in names:
+            raise bad_request(f"duplicate tool name {fn.name!r}", param=f"tools[{i}].function.name",
+                              code="invalid_value")
+        names.add(fn.name)
+        params = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
+        _check_schema(params, f"tools[{i}].function.parameters", f"tools[{i}].function.parameters")
+        tools.append({"name": fn.name, "description": fn.description or "", "parameters": params})
+    choice = req.tool_choice if req.tool_choice is not None else "auto"
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise bad_request(f"tool_choice must be 'auto', 'none', 'required' or a function; got {choice!r}",
+                              param="tool_choice", code="invalid_value")
+    else:
+        if choice.function.name not in names:
+            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                              param="tool_choice.function.name", code="invalid_value")
+        choice = choice.function.name
+    if choice == "none":
+        return rf, None        # no calls: the tools are not shown to the model either
+    if rf is not None:
+        raise bad_request("response_format cannot be combined with tools unless tool_choice is 'none'",
+                          param="response_format", code="invalid_value")
+    parallel = True if req.parallel_tool_calls is None else req.parallel_tool_calls
+    return ConstraintSpec(kind="tools", tools=tools, tool_choice=choice, parallel_tool_calls=parallel), tools
 
 
 def render_and_fit(v: ValidatedRequest, engine) -> None:
     """Render the prompt and check it (plus max_tokens) fits in the context window."""
     try:
-        v.prompt_ids = engine.render_prompt(v.messages, tools=v.tools)
+        v.prompt_ids = engine.render_prompt(v.messages, tools=v.tools, tool_prompt=v.wire.tool_prompt)
     except PromptError as exc:
         raise bad_request(str(exc), param=exc.param, code="invalid_prompt") from None
     n = len(v.prompt_ids)
