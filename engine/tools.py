@@ -55,8 +55,10 @@ class ToolFormat:
         accepts either key for every family.
 
     Constraint side (regex fragments in the Rust ``regex`` syntax outlines_core uses):
-      first_prefix_re: before the first call; prefix_re: before each later call;
-      suffix_re: after each call; separator_re: between calls; trailing_re: after the last.
+      first_prefix_re: once, before the first call; prefix_re / suffix_re: around each
+      call; repeat_sep_re: after each call when several are allowed (must be optional:
+      the calls are compiled as ``(prefix CALL suffix repeat_sep)+`` so the call regex
+      appears once in the automaton); trailing_re: after a single call.
       triggers: texts that, in tool_choice="auto", switch free text to a constrained
         call (each must be a prefix of what ``first_prefix_re`` + ``{`` accepts);
         triggers_at_start_only: they only count as the first non-space text of the reply.
@@ -72,7 +74,7 @@ class ToolFormat:
     first_prefix_re: str
     prefix_re: str
     suffix_re: str
-    separator_re: str
+    repeat_sep_re: str
     trailing_re: str
     triggers: tuple[str, ...]
     triggers_at_start_only: bool
@@ -100,10 +102,10 @@ def _hermes_like(family: str) -> ToolFormat:
         close_tag="</tool_call>",
         bare_json_at_start=False,
         separator_chars="",
-        first_prefix_re=r"<tool_call>\n?",
+        first_prefix_re="",
         prefix_re=r"<tool_call>\n?",
         suffix_re=r"\n?</tool_call>",
-        separator_re=r"\n?",
+        repeat_sep_re=r"\n?",
         trailing_re=r"\n?",
         triggers=("<tool_call>",),
         triggers_at_start_only=False,
@@ -126,7 +128,7 @@ FAMILIES: dict[str, ToolFormat] = {
         first_prefix_re=r"(<\|python_tag\|>)?",
         prefix_re="",
         suffix_re="",
-        separator_re=r"; ?",
+        repeat_sep_re=r"(; ?)?",
         trailing_re="",
         triggers=("<|python_tag|>", "{"),
         triggers_at_start_only=True,
@@ -221,8 +223,8 @@ def default_tool_prompt(tools, family: str = "generic", instructions: str | None
 _WS = " \t\r\n"
 
 # phases of the call-object scanner
-_P_OPEN, _P_KEY, _P_KEYSTR, _P_COLON, _P_VALUE, _P_VSTR, _P_VCONT, _P_VSCALAR, _P_AFTER, \
-    _P_CLOSE = range(10)
+_P_OPEN, _P_KEY, _P_KEYSTR, _P_COLON, _P_VALUE, _P_VSTR, _P_VCONT, _P_VSCALAR, \
+    _P_AFTER = range(9)
 
 
 class _CallScanner:
@@ -655,7 +657,6 @@ class ToolCallStreamParser:
         if self._call is not None:
             self._step_call(out, final=True)
             if self._call is not None:
-                call = self._call
                 if self._started:
                     self._pump_call(out, final=True)
                     if self._call is not None:
