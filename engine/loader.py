@@ -90,6 +90,17 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
 
 
+def local_folder(spec: str | None = None) -> Path:
+    """The save_pretrained folder for a spec (a GGUF is dequantized into the cache once)."""
+    folder, gguf_file = resolve_model(spec or DEFAULT_MODEL)
+    if gguf_file is None:
+        return folder
+    cached = _gguf_cache_dir(folder, gguf_file)
+    if not (cached / "config.json").exists():
+        _convert_gguf(folder, gguf_file, cached)
+    return cached
+
+
 def pick_device(device: str) -> str:
     import torch
     if device == "auto":
@@ -118,12 +129,8 @@ def load_model(spec: str | None = None, *, served_model_name: str | None = None,
 
     t0 = time.perf_counter()
     spec = spec or DEFAULT_MODEL
-    folder, gguf_file = resolve_model(spec)
-    if gguf_file is not None:
-        cached = _gguf_cache_dir(folder, gguf_file)
-        if not (cached / "config.json").exists():
-            _convert_gguf(folder, gguf_file, cached)
-        folder = cached
+    gguf_file = resolve_model(spec)[1]
+    folder = local_folder(spec)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     log.info("loading %s from %s on %s (%s)", spec, folder, dev, str(torch_dtype).removeprefix("torch."))

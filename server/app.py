@@ -198,7 +198,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         try:
             compiled = await asyncio.to_thread(engine.compile_constraint, spec, compile_timeout)
         except ConstraintTooComplex as exc:
-            raise bad_request(f"schema too complex: {exc}", param=_constraint_param(spec),
+            raise bad_request(str(exc), param=_constraint_param(spec),
                               code="schema_too_complex") from None
         except ConstraintError as exc:
             raise bad_request(str(exc), param=_constraint_param(spec), code="invalid_schema") from None

