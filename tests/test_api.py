@@ -660,18 +660,6 @@ def test_image_part_rejected_on_text_model(client):
         content_of(chat(client, temperature=0, max_tokens=5))
 
 
-# Tools, tool_choice and response_format are about to become supported: replace this test then.
-@pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "auto"),
-    ("response_format", {"type": "json_object"}),
-])
-def test_tools_and_response_format_not_supported_yet(client, field, value):
-    r = client.post(CHAT, json={"messages": MSGS, field: value})
-    err = assert_error(r, 400, param=field)
-    assert "not supported" in err["message"]
-
-
 def test_body_too_large(tiny_engine):
     big = {"messages": [{"role": "user", "content": "x" * 2000}]}
     with serve_engine(tiny_engine, max_body_bytes=1000) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
