@@ -87,7 +87,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--requests-per-run", type=int, default=0, help="default: max(3*c, 8)")
+    ap.add_argument("--requests-per-run", type=int, default=0, help="default: max(4*c, 8)")
     ap.add_argument("--static-batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--leak-requests", type=int, default=500, help="0 to skip the RSS check")
@@ -124,7 +124,7 @@ def main() -> int:
         model = httpx.get(base + "/models").json()["data"][0]["id"]
         runs = []
         for c in conc:
-            n = args.requests_per_run or max(3 * c, 8)
+            n = args.requests_per_run or max(4 * c, 8)
             s = asyncio.run(run_load(base, model, c, n, args.max_tokens, DEFAULT_PROMPTS, ignore_eos=True,
                                      warmup=1 if c == conc[0] else 0))
             runs.append({k: s[k] for k in ("concurrency", "ok", "failed", "output_throughput", "ttft_ms", "tpot_ms",

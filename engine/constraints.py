@@ -632,6 +632,51 @@ def _check_schema(schema, what: str) -> None:
 
 _EMPTY_PARAMS = {"type": "object", "properties": {}}
 
+# Keywords outlines_core's regex builder accepts but does not enforce: the output could then break
+# its own schema, so a schema that uses them is refused rather than silently loosened.
+_UNENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+               "minProperties", "maxProperties", "not", "if", "then", "else", "dependentRequired",
+               "dependentSchemas", "contains", "minContains", "maxContains", "propertyNames",
+               "patternProperties", "unevaluatedProperties", "unevaluatedItems")
+_MAX_INT_ENUM = 1000
+
+
+def enforceable_schema(schema, what: str = "JSON schema", path: str = ""):
+    """A copy of schema that outlines enforces exactly, or ConstraintError naming what it cannot.
+
+    A bounded integer range of at most 1000 values becomes an enum (which outlines enforces);
+    other bounds and the keywords in _UNENFORCED are refused.
+    """
+    if isinstance(schema, list):
+        return [enforceable_schema(s, what, f"{path}/{i}") for i, s in enumerate(schema)]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {k: enforceable_schema(v, what, f"{path}/{key}/{k}") for k, v in value.items()}
+        elif key in ("enum", "const", "default", "examples", "required", "description", "title"):
+            out[key] = value
+        else:
+            out[key] = enforceable_schema(value, what, f"{path}/{key}")
+    lo, hi = out.get("minimum"), out.get("maximum")
+    if isinstance(out.get("exclusiveMinimum"), int) and lo is None:
+        lo = out["exclusiveMinimum"] + 1
+    if isinstance(out.get("exclusiveMaximum"), int) and hi is None:
+        hi = out["exclusiveMaximum"] - 1
+    if (out.get("type") == "integer" and isinstance(lo, int) and isinstance(hi, int)
+            and 0 <= hi - lo < _MAX_INT_ENUM and "multipleOf" not in out):
+        for key in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            out.pop(key, None)
+        out["enum"] = list(range(lo, hi + 1))
+    for key in _UNENFORCED:
+        if key in out:
+            hint = (f" (an integer range with both bounds and at most {_MAX_INT_ENUM} values is supported)"
+                    if key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") else "")
+            raise ConstraintError(f"{what} uses the unsupported keyword '{key}' at {path or '/'}: "
+                                  f"constrained decoding cannot enforce it{hint}")
+    return out
+
 
 def build_json_object_regex(ws: str = DEFAULT_WHITESPACE) -> str:
     """Regex for response_format json_object: a JSON object whose nesting is bounded.
@@ -796,6 +841,7 @@ class ConstraintCompiler:
 
     def _schema_regex(self, schema: dict, what: str) -> str:
         from outlines_core.json_schema import build_regex_from_schema
+        schema = enforceable_schema(schema, what)
         try:
             return build_regex_from_schema(_canonical(schema), self.ws)
         except BaseException as e:  # ValueError, or a Rust panic

@@ -231,6 +231,8 @@ class Engine:
             self._start_decoding(seq)
             tokens, raw_lp = sample_batch(logits, [seq.row])
             self._postprocess(seq, tokens[0], raw_lp, 0, out)
+            self._deliver(out)   # its first token goes out now, not after the rest of the step
+            out = []
         finished = [i for i, s in enumerate(sched.running) if s.finished]
         if finished:
             sched.remove_rows(finished)

@@ -81,22 +81,26 @@ class Scheduler:
         """(sequence, number of prompt tokens to run now), within this step's token budget.
 
         Prompts are prefilled alone (batch 1, no padding) in chunks of at most ``prefill_chunk``
-        tokens, so a long prompt delays the running streams by one chunk per step, not by all of it.
+        tokens, so a long prompt delays the running streams by one chunk per step, not by all of
+        it. While rows are decoding, one newcomer starts per step: prefill is compute-bound, so
+        taking several at once only delays everyone's next token, and staggering the newcomers
+        keeps later arrivals from coming in bursts.
         """
         budget = self.prefill_chunk
         work = []
         slots = self.max_running - len(self.running)
+        newcomers = 1 if self.running else slots
         for seq in self.waiting:
-            if slots <= 0 or budget <= 0:
+            if slots <= 0 or budget <= 0 or newcomers <= 0:
                 break
             remaining = seq.prompt_len - seq.num_prefilled
             n = min(remaining, budget)
             work.append((seq, n))
             budget -= n
-            if n == remaining:
-                slots -= 1
-            else:
+            if n < remaining:
                 break   # a partially prefilled prompt continues next step
+            slots -= 1
+            newcomers -= 1
         return work
 
     def start_running(self, seq: Sequence) -> None:

@@ -220,22 +220,28 @@ def test_special_tokens_never_inside_constrained_output(client, engine):
         assert not any(s in text for s in specials)
 
 
-@pytest.mark.xfail(strict=True, reason="outlines_core's build_regex_from_schema drops minimum/maximum (and "
-                   "exclusive*, multipleOf): integers are unbounded, so a 200 reply can fail its own schema. "
-                   "Fixed = the bound is enforced or the schema is refused with a 400; then drop this mark.")
-def test_integer_bounds_are_enforced_or_refused(client):
+def test_integer_ranges_are_enforced_and_unenforceable_bounds_refused(client):
+    # outlines' regex builder ignores minimum/maximum; a small integer range is enforced as an enum,
+    # and bounds it cannot enforce are refused rather than silently dropped
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["n"], "additionalProperties": False}
     rf = {"type": "json_schema", "json_schema": {"name": "digit", "schema": schema}}
+    seen = set()
     for seed in SEEDS:
         r = client.post(CHAT, json={"messages": MSGS, "response_format": rf, "temperature": 1, "seed": seed,
                                     "max_tokens": 40})
-        if r.status_code == 400:
-            assert_error(r, 400, code="invalid_schema")
-            assert r.json()["error"]["param"].startswith("response_format")
-            continue
         assert r.status_code == 200, r.text
-        jsonschema.validate(json.loads(message_of(r.json())["content"]), schema)
+        value = json.loads(message_of(r.json())["content"])
+        jsonschema.validate(value, schema)
+        seen.add(value["n"])
+    assert seen <= set(range(10))
+    for bad in ({"type": "number", "minimum": 0}, {"type": "integer", "minimum": 0},
+                {"type": "array", "items": {"type": "string"}, "uniqueItems": True}):
+        unbounded = {"type": "object", "properties": {"x": bad}, "required": ["x"]}
+        r = client.post(CHAT, json={"messages": MSGS, "max_tokens": 5, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": unbounded}}})
+        err = assert_error(r, 400, code="invalid_schema")
+        assert err["param"].startswith("response_format") and "cannot enforce" in err["message"] and "unsupported" in err["message"]
 
 
 # ---------------------------------------------------------------------------------- 400s
