@@ -12,10 +12,6 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 
-def _layers(cache: DynamicCache):
-    return [layer for layer in cache.layers]
-
-
 def cache_length(cache: DynamicCache) -> int:
     return cache.layers[0].keys.shape[-2] if cache.layers and cache.layers[0].is_initialized else 0
 

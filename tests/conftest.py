@@ -2,7 +2,6 @@
 loader), engines on them, and real HTTP servers (uvicorn on a free loopback port in a thread)."""
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
@@ -91,7 +90,3 @@ def tiny_server(tiny_engine):
 def client(tiny_server):
     with httpx.Client(base_url=tiny_server.base_url, timeout=60) as c:
         yield c
-
-
-def run_async(coro):
-    return asyncio.run(coro)
