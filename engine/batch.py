@@ -68,10 +68,10 @@ class DecodeBatch:
         self.lengths = [self.lengths[i] for i in keep]
         trim = self.width - max(self.lengths)
         idx = torch.tensor(keep, device=self.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, trim:]
-            layer.values = layer.values.index_select(0, idx)[:, :, trim:]
-        self.mask = self.mask.index_select(0, idx)[:, trim:]
+        for layer in self.cache.layers:   # trim first, so only the kept columns are copied
+            layer.keys = layer.keys[:, :, trim:].index_select(0, idx)
+            layer.values = layer.values[:, :, trim:].index_select(0, idx)
+        self.mask = self.mask[:, trim:].index_select(0, idx)
 
     def decode_inputs(self, last_tokens: list[int]) -> dict:
         """Model kwargs for one decode step of every row."""
