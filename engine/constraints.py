@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.detokenize import byte_decoder
 from engine.request import ConstraintSpec
 from engine.tools import FAMILIES, detect_family, get_format, normalize_tools
 
@@ -92,21 +93,7 @@ class ConstraintViolation(RuntimeError):
 # Vocabulary
 # ---------------------------------------------------------------------------------------
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable unicode char table (as used by byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-_UNICODE_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_UNICODE_TO_BYTE = byte_decoder()   # GPT-2 byte-level BPE: printable char -> byte
 
 # END sentinel. outlines_core 0.2.14's Index only keeps, out of a *final* state, the
 # tokens whose walk ends in a final state again: with regex "(ab)+", after "ab" the

@@ -87,7 +87,7 @@ def _held_suffix(text: str, stops: tuple[str, ...], max_hold: int) -> int:
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode table (byte-level BPE token strings -> bytes)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -123,7 +123,7 @@ class TokenTexts:
         raw: bytes | None = None
         if self._byte_level:
             piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            table = _byte_decoder()
+            table = byte_decoder()
             if piece is not None and all(ch in table for ch in piece):
                 raw = bytes(table[ch] for ch in piece)
         if raw is None:
