@@ -92,6 +92,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--leak-requests", type=int, default=500, help="0 to skip the RSS check")
     ap.add_argument("--skip-raw", action="store_true")
+    ap.add_argument("--server-args", default="", help="extra `chatserve serve` flags")
     args = ap.parse_args()
     conc = [int(c) for c in args.concurrency.split(",")]
     report: dict = {"args": vars(args), "machine": os.uname().nodename, "cpus": os.cpu_count()}
@@ -106,6 +107,7 @@ def main() -> int:
            "--device", "cpu", "--max-running", str(max(conc)), "--log-level", "warning"]
     if args.model:
         cmd += ["--model", args.model]
+    cmd += args.server_args.split()
     print(">> starting", " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=ROOT)
     base = f"http://127.0.0.1:{port}/v1"
@@ -125,12 +127,17 @@ def main() -> int:
         runs = []
         for c in conc:
             n = args.requests_per_run or max(4 * c, 8)
+            before = httpx.get(f"http://127.0.0.1:{port}/health").json()["stats"]
             s = asyncio.run(run_load(base, model, c, n, args.max_tokens, DEFAULT_PROMPTS, ignore_eos=True,
                                      warmup=1 if c == conc[0] else 0))
+            after = httpx.get(f"http://127.0.0.1:{port}/health").json()["stats"]
+            steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
+            s["mean_batch_rows"] = (after.get("decode_rows", 0) - before.get("decode_rows", 0)) / max(1, steps)
             runs.append({k: s[k] for k in ("concurrency", "ok", "failed", "output_throughput", "ttft_ms", "tpot_ms",
-                                           "itl_ms", "e2e_ms", "total_output_tokens")})
+                                           "itl_ms", "e2e_ms", "total_output_tokens", "mean_batch_rows")})
             print(f"   c={c:>3}: {s['ok']} ok {s['failed']} failed, {s['output_throughput']:.1f} tok/s, "
-                  f"TTFT p50 {s['ttft_ms']['p50']:.0f} ms, TPOT p50 {s['tpot_ms']['p50']:.1f} ms")
+                  f"TTFT p50 {s['ttft_ms']['p50']:.0f} ms, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
+                  f"mean rows per decode step {s['mean_batch_rows']:.1f}")
         report["server"] = runs
         if args.leak_requests:
             print(f">> RSS over {args.leak_requests} requests (c=8, 16 tokens each)")

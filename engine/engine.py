@@ -37,6 +37,7 @@ class EngineConfig:
     max_waiting: int = 256         # requests queued beyond the running ones; more get 429
     queue_timeout: float | None = 300.0   # seconds a request may wait to start
     prefill_chunk: int = 512       # prompt tokens prefilled per step
+    max_newcomers: int = 1         # prompts started per step while rows are decoding
 
 
 class Engine:
@@ -53,7 +54,7 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.scheduler = Scheduler(self.config.max_running, self.config.max_waiting,
-                                   self.config.queue_timeout, self.config.prefill_chunk)
+                                   self.config.queue_timeout, self.config.prefill_chunk, self.config.max_newcomers)
         # transformers renamed forward(past_key_values=) to forward(cache=) during 5.x
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

@@ -49,11 +49,12 @@ class Scheduler:
     """FIFO admission with a cap on running rows and on waiting requests."""
 
     def __init__(self, max_running: int, max_waiting: int, queue_timeout: float | None,
-                 prefill_chunk: int):
+                 prefill_chunk: int, max_newcomers: int = 1):
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.queue_timeout = queue_timeout
         self.prefill_chunk = prefill_chunk
+        self.max_newcomers = max_newcomers
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []        # in batch row order
 
@@ -82,14 +83,14 @@ class Scheduler:
 
         Prompts are prefilled alone (batch 1, no padding) in chunks of at most ``prefill_chunk``
         tokens, so a long prompt delays the running streams by one chunk per step, not by all of
-        it. While rows are decoding, one newcomer starts per step: prefill is compute-bound, so
-        taking several at once only delays everyone's next token, and staggering the newcomers
-        keeps later arrivals from coming in bursts.
+        it. While rows are decoding, at most ``max_newcomers`` prompts start per step (default 1):
+        prefill is compute-bound, so taking several at once only delays everyone's next token,
+        and staggering the newcomers keeps later arrivals from coming in bursts.
         """
         budget = self.prefill_chunk
         work = []
         slots = self.max_running - len(self.running)
-        newcomers = 1 if self.running else slots
+        newcomers = self.max_newcomers if self.running else slots
         for seq in self.waiting:
             if slots <= 0 or budget <= 0 or newcomers <= 0:
                 break

@@ -139,7 +139,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
     async def health():
         if engine.alive:
             return {"status": "ok", "model": engine.model_name, "running": engine.num_running,
-                    "waiting": engine.num_waiting}
+                    "waiting": engine.num_waiting, "stats": dict(engine.stats)}
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
     @app.get("/v1/models")

@@ -8,7 +8,7 @@ import sys
 
 SERVE_DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, device="auto",
                       dtype="auto", api_key=None, max_model_len=None, max_running=32, max_waiting=256,
-                      queue_timeout=300.0, prefill_chunk=512, log_level="info")
+                      queue_timeout=300.0, prefill_chunk=512, max_newcomers=1, log_level="info")
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, help="queued requests beyond the running ones; more get 429 (default 256)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait to start before a 503 (default 300)")
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled per engine step (default 512)")
+    p.add_argument("--max-newcomers", type=int, help="prompts started per step while others decode (default 1)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -58,7 +59,8 @@ def build_app(settings: dict):
                         max_model_len=settings["max_model_len"])
     engine = Engine(loaded, EngineConfig(max_running=settings["max_running"], max_waiting=settings["max_waiting"],
                                          queue_timeout=settings["queue_timeout"],
-                                         prefill_chunk=settings["prefill_chunk"])).start()
+                                         prefill_chunk=settings["prefill_chunk"],
+                                         max_newcomers=settings["max_newcomers"])).start()
     return create_app(engine, api_key=settings["api_key"]), engine
 
 
