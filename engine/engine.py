@@ -14,7 +14,7 @@ import inspect
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
@@ -204,7 +204,7 @@ class Engine:
         for seq in victims:
             self._finish(seq, "error", out, error=message)
         self.scheduler.running = []
-        self.scheduler.waiting = type(self.scheduler.waiting)(s for s in self.scheduler.waiting if not s.finished)
+        self.scheduler.waiting = deque(s for s in self.scheduler.waiting if not s.finished)
         self.batch = DecodeBatch(self.device, self._cache_kw)
         self._deliver(out)
 

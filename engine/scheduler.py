@@ -59,7 +59,7 @@ class Scheduler:
         self.running: list[Sequence] = []        # in batch row order
 
     def admit(self, seq: Sequence) -> None:
-        # Called on the engine thread's inbox drain; the cap is checked again at submit time.
+        # Called on the engine thread's inbox drain; Engine._submit already applied the cap.
         self.waiting.append(seq)
 
     def timed_out(self, now: float) -> list[Sequence]:

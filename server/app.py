@@ -42,6 +42,11 @@ def _logprobs_out(entries) -> list[TokenLogprobOut]:
                                           for t in e.top_logprobs]) for e in entries]
 
 
+def _usage(event) -> Usage:
+    return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+                 total_tokens=event.prompt_tokens + event.completion_tokens)
+
+
 def _sse(obj) -> str:
     payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return f"data: {payload}\n\n"
@@ -253,8 +258,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             choices=[Choice(message=message,
                             logprobs=ChoiceLogprobs(content=_logprobs_out(lps)) if v.params.logprobs else None,
                             finish_reason=finish)],
-            usage=Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                        total_tokens=last.prompt_tokens + last.completion_tokens))
+            usage=_usage(last))
         _done_log(meta, last.prompt_tokens, last.completion_tokens, last.finish_reason, t0, False)
         out = body.model_dump(mode="json")
         if out["choices"][0]["message"]["tool_calls"] is None:
@@ -297,9 +301,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                         finish = "tool_calls"
                     yield chunk(Delta(), finish=finish)
                     if v.include_usage:
-                        usage = Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                                      total_tokens=event.prompt_tokens + event.completion_tokens)
-                        d = ChatCompletionChunk(**meta, choices=[], usage=usage).model_dump(mode="json")
+                        d = ChatCompletionChunk(**meta, choices=[], usage=_usage(event)).model_dump(mode="json")
                         yield _sse(d)
                     break
                 event = await stream.__anext__()
