@@ -73,14 +73,23 @@ class DecodeBatch:
             layer.values = layer.values[:, :, trim:].index_select(0, idx)
         self.mask = self.mask[:, trim:].index_select(0, idx)
 
-    def decode_inputs(self, last_tokens: list[int]) -> dict:
-        """Model kwargs for one decode step of every row."""
-        ids = torch.tensor(last_tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+    def prepare_decode(self) -> tuple[list[int], torch.Tensor | None]:
+        """Open this step's column for every row: (each row's position id, [B, 1, 1, T] bool mask
+        hiding padding, or None when no row has any)."""
         self.mask = F.pad(self.mask, (0, 1), value=1)
-        positions = torch.tensor(self.lengths, dtype=torch.long, device=self.device).unsqueeze(1)
+        positions = list(self.lengths)
         self.lengths = [n + 1 for n in self.lengths]
+        if self.width == min(self.lengths):
+            return positions, None
+        return positions, self.mask.bool()[:, None, None, :]
+
+    def decode_inputs(self, last_tokens: list[int]) -> dict:
+        """Model kwargs for one (unpacked) decode step of every row."""
+        ids = torch.tensor(last_tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        positions, _ = self.prepare_decode()
         width = self.width
-        kwargs = {"input_ids": ids, "position_ids": positions, self.cache_kw: self.cache, "use_cache": True,
+        kwargs = {"input_ids": ids, self.cache_kw: self.cache, "use_cache": True,
+                  "position_ids": torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1),
                   "cache_position": torch.tensor([width - 1], device=self.device)}
         # A batch without padding needs no mask (the fast path generate() takes at batch 1).
         kwargs["attention_mask"] = None if width == min(self.lengths) else self.mask

@@ -1,8 +1,12 @@
 """The engine: a step loop over a continuously batched set of sequences.
 
-step() = schedule (admission, aborts, queue timeouts, prefill budget) -> run (chunked batch-1
-prefill for newcomers, then one batched decode forward for every running row) -> postprocess
-(per-row sampling, detokenization, stop checks, events to each request's own stream).
+step() = schedule (admission, aborts, queue timeouts, which prompts start and how many of their
+tokens, the prefix cache) -> run (one packed forward: every running row's next token plus this
+step's prompt chunks, engine/packed.py) -> postprocess (per-row sampling, detokenization, stop
+checks, events to each request's own stream; finished rows leave the batch).
+
+Models the packed forward does not fit (its self-test fails) take the unpacked path: a batch-1
+forward per prompt chunk, then one decode forward over the running rows.
 
 The loop runs on its own thread; ``generate()`` is the async public API: submit a request, get an
 async stream of TokenEvents.
@@ -20,9 +24,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from . import packed
 from .batch import DecodeBatch
 from .detokenize import IncrementalDetokenizer, StopStringMatcher, TokenTexts
 from .loader import LoadedModel
+from .prefix_cache import PrefixCache
 from .prompt import PromptRenderer
 from .request import GenerationRequest, TokenEvent
 from .sampling import RowState, logprob_entries, sample_batch
@@ -38,6 +44,8 @@ class EngineConfig:
     queue_timeout: float | None = 300.0   # seconds a request may wait to start
     prefill_chunk: int = 512       # prompt tokens prefilled per step
     max_newcomers: int = 1         # prompts started per step while rows are decoding
+    packed: bool = True            # prefill chunks ride in the decode step's forward (engine/packed.py)
+    prefix_cache_mb: int = 256     # prompt KV kept for reuse by prompts with the same start; 0 = off
 
 
 class Engine:
@@ -59,6 +67,10 @@ class Engine:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.batch = DecodeBatch(self.device, self._cache_kw)
+        self.packed = self.config.packed and packed.install(self.model, self._cache_kw, self.device)
+        log.info("engine steps: %s", "packed (prefill chunks join the decode forward)" if self.packed
+                 else "separate batch-1 prefill forwards, then one decode forward")
+        self.prefix_cache = self._make_prefix_cache()
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
         self._in_system = 0
@@ -79,6 +91,28 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return sorted(ids)
+
+    def _make_prefix_cache(self) -> PrefixCache | None:
+        if self.config.prefix_cache_mb <= 0:
+            return None
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        block = 16
+        elem = next(self.model.parameters()).element_size()
+        per_block = cfg.num_hidden_layers * 2 * kv_heads * head_dim * block * elem
+        max_blocks = max(1, self.config.prefix_cache_mb * 2**20 // per_block)
+        log.info("prefix cache: up to %d blocks of %d tokens (%d MB)", max_blocks, block, self.config.prefix_cache_mb)
+        return PrefixCache(max_blocks, block)
+
+    def _begin_prefill(self, seq: Sequence) -> None:
+        if self.prefix_cache is None:
+            seq.prefill_cache = DynamicCache(config=self.model.config)
+            return
+        seq.prefill_cache, seq.num_prefilled = self.prefix_cache.start(seq.request.prompt_ids, self.model.config)
+        seq.cached_tokens = seq.num_prefilled
+        self.stats["prefix_cache_hit_tokens"] += seq.cached_tokens
+        self.stats["prefix_cache_blocks"] = self.prefix_cache.blocks
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="chatserve-engine", daemon=True)
@@ -189,8 +223,10 @@ class Engine:
                     self.scheduler.admit(seq)
                 self._inbox.clear()
             try:
+                t = time.perf_counter()
                 with torch.inference_mode():
                     self.step()
+                self.stats["time_step_s"] += time.perf_counter() - t
             except Exception as exc:  # a bug or a device fault: fail the batch, keep serving
                 log.exception("engine step failed; failing %d running and prefilling requests",
                               self.scheduler.num_running)
@@ -221,11 +257,72 @@ class Engine:
             self.batch.remove(gone_rows)
         for seq in sched.timed_out(time.monotonic()):
             self._finish(seq, "error", out, error="queue_timeout")
-        # -- run: prefill newcomers (batch 1, chunked), each joins the batch with its first token
-        for seq, n in sched.prefill_work():
+        if self.packed:
+            self._run_packed(sched.prefill_work(self._begin_prefill), out)
+        else:
+            out = self._run_unpacked(sched.prefill_work(self._begin_prefill), out)
+        finished = [i for i, s in enumerate(sched.running) if s.finished]
+        if finished:
+            sched.remove_rows(finished)
+            self.batch.remove(finished)
+        self._deliver(out)
+
+    def _run_packed(self, work: list[tuple[Sequence, int]], out) -> None:
+        """One forward: the next token of every running row, then this step's prompt chunks."""
+        sched = self.scheduler
+        rows = list(sched.running)
+        tokens = [s.output_ids[-1] for s in rows]
+        positions, mask = self.batch.prepare_decode() if rows else ([], None)
+        keep = list(range(len(rows)))
+        segments, completing = [], []
+        for seq, n in work:
+            start = seq.num_prefilled
+            tokens += seq.request.prompt_ids[start:start + n]
+            positions += range(start, start + n)
+            segments.append(packed.Segment(seq.prefill_cache, start, n))
+            seq.num_prefilled += n
+            self.stats["prefill_tokens"] += n
+            if seq.num_prefilled >= seq.prompt_len:
+                completing.append(seq)
+                keep.append(len(tokens) - 1)
+        if not tokens:
+            return
+        step = packed.PackedStep(self.batch.cache if rows else None, len(rows), mask, segments)
+        t0 = time.perf_counter()
+        logits = packed.forward(self.model, self._cache_kw, tokens, positions, step, keep, self.device)
+        t1 = time.perf_counter()
+        self.stats["time_forward_s"] += t1 - t0
+        for seq in completing:   # newcomers join the batch after the rows that decoded this step
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(seq.request.prompt_ids, seq.prefill_cache)
+            sched.start_running(seq)
+            self.batch.join(seq.prefill_cache)
+            seq.prefill_cache = None
+            self._start_decoding(seq)
+        stepping = rows + completing
+        t2 = time.perf_counter()
+        sampled, raw_lp = sample_batch(logits, [s.row for s in stepping])
+        t3 = time.perf_counter()
+        if rows:
+            self.stats["decode_steps"] += 1
+            self.stats["decode_rows"] += len(rows)
+        for i, (seq, tok) in enumerate(zip(stepping, sampled)):
+            self._postprocess(seq, tok, raw_lp, i, out)
+        t4 = time.perf_counter()
+        self.stats["time_join_s"] += t2 - t1
+        self.stats["time_sample_s"] += t3 - t2
+        self.stats["time_postprocess_s"] += t4 - t3
+
+    def _run_unpacked(self, work: list[tuple[Sequence, int]], out) -> list:
+        """Fallback for models packed steps do not fit: a batch-1 forward per prefill chunk, then
+        one decode forward over the running rows."""
+        sched = self.scheduler
+        for seq, n in work:
             logits = self._prefill(seq, n)
             if seq.num_prefilled < seq.prompt_len:
                 continue
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(seq.request.prompt_ids, seq.prefill_cache)
             sched.start_running(seq)
             self.batch.join(seq.prefill_cache)
             seq.prefill_cache = None
@@ -238,21 +335,15 @@ class Engine:
         if finished:
             sched.remove_rows(finished)
             self.batch.remove(finished)
-        # -- run: one decode step over all running rows
         if sched.running:
             kwargs = self.batch.decode_inputs([s.output_ids[-1] for s in sched.running])
             logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1, :].float()
             tokens, raw_lp = sample_batch(logits, [s.row for s in sched.running])
             self.stats["decode_steps"] += 1
             self.stats["decode_rows"] += len(tokens)
-            # -- postprocess
             for i, (seq, tok) in enumerate(zip(sched.running, tokens)):
                 self._postprocess(seq, tok, raw_lp, i, out)
-            finished = [i for i, s in enumerate(sched.running) if s.finished]
-            if finished:
-                sched.remove_rows(finished)
-                self.batch.remove(finished)
-        self._deliver(out)
+        return out
 
     def _prefill(self, seq: Sequence, n: int) -> torch.Tensor:
         if seq.prefill_cache is None:
@@ -299,7 +390,8 @@ class Engine:
             self._finish(seq, finish, out, text=text, token_ids=[token], logprobs=logprobs)
         else:
             out.append((seq, TokenEvent(text=text, token_ids=[token], logprobs=logprobs,
-                                        prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids))))
+                                        prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids),
+                                        cached_tokens=seq.cached_tokens)))
 
     def _finish(self, seq: Sequence, reason: str, out, *, text: str = "", token_ids=None, logprobs=None,
                 error: str | None = None) -> None:
@@ -312,7 +404,8 @@ class Engine:
         self.stats[f"finished_{reason}"] += 1
         out.append((seq, TokenEvent(text=text, token_ids=token_ids or [], logprobs=logprobs or [],
                                     finish_reason=reason, prompt_tokens=seq.prompt_len,
-                                    completion_tokens=len(seq.output_ids), error=error)))
+                                    completion_tokens=len(seq.output_ids), cached_tokens=seq.cached_tokens,
+                                    error=error)))
 
     @staticmethod
     def _deliver(out: list[tuple[Sequence, TokenEvent]]) -> None:

@@ -81,4 +81,5 @@ class TokenEvent:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0          # prompt tokens reused from the prefix cache
     error: str | None = None

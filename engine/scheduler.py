@@ -30,6 +30,7 @@ class Sequence:
     # prefill
     prefill_cache: object = None              # own DynamicCache while the prompt is being prefilled
     num_prefilled: int = 0
+    cached_tokens: int = 0                    # prompt tokens taken from the prefix cache
     # decode
     output_ids: list[int] = field(default_factory=list)
     row: object = None                        # sampling.RowState
@@ -78,22 +79,29 @@ class Scheduler:
         rows = [i for i, s in enumerate(self.running) if s.aborted]
         return gone_waiting, rows
 
-    def prefill_work(self) -> list[tuple[Sequence, int]]:
+    def prefill_work(self, begin=None) -> list[tuple[Sequence, int]]:
         """(sequence, number of prompt tokens to run now), within this step's token budget.
 
         Prompts are prefilled alone (batch 1, no padding) in chunks of at most ``prefill_chunk``
         tokens, so a long prompt delays the running streams by one chunk per step, not by all of
-        it. While rows are decoding, at most ``max_newcomers`` prompts start per step (default 1):
-        prefill is compute-bound, so taking several at once only delays everyone's next token,
-        and staggering the newcomers keeps later arrivals from coming in bursts.
+        it. ``begin(seq)`` is called once for a sequence about to get its first chunk (the engine
+        starts its cache there, from the prefix cache when it can: fewer tokens left to prefill).
+        While rows are decoding, a step starts ``max_newcomers`` prompts (default 1), or a quarter
+        of the prompts that have a free row waiting for them if that is more. One at a time keeps
+        each newcomer's step short (its first token comes sooner) and keeps arrivals from falling
+        into lockstep waves; the quarter fills a mostly empty batch in a few steps instead of one
+        step per prompt, since an idle row costs more than a slightly longer step.
         """
         budget = self.prefill_chunk
         work = []
         slots = self.max_running - len(self.running)
-        newcomers = self.max_newcomers if self.running else slots
+        ready = min(slots, len(self.waiting))
+        newcomers = max(self.max_newcomers, -(-ready // 4)) if self.running else slots
         for seq in self.waiting:
             if slots <= 0 or budget <= 0 or newcomers <= 0:
                 break
+            if seq.prefill_cache is None and begin is not None:
+                begin(seq)
             remaining = seq.prompt_len - seq.num_prefilled
             n = min(remaining, budget)
             work.append((seq, n))

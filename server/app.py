@@ -20,7 +20,7 @@ from . import __version__
 from .errors import APIError, bad_request
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs,
                        ChunkChoice, Delta, FunctionOut, ModelCard, ModelList, TokenLogprobOut, ToolCallOut,
-                       TopLogprob, Usage)
+                       TopLogprob, Usage, PromptTokensDetails)
 from .toolcalls import ToolCallFramer, new_call_id, parse_tool_calls
 from .validation import ValidatedRequest, parse_body, render_and_fit, validate
 
@@ -44,7 +44,8 @@ def _logprobs_out(entries) -> list[TokenLogprobOut]:
 
 def _usage(event) -> Usage:
     return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                 total_tokens=event.prompt_tokens + event.completion_tokens)
+                 total_tokens=event.prompt_tokens + event.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=event.cached_tokens))
 
 
 def _sse(obj) -> str:

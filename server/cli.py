@@ -8,7 +8,8 @@ import sys
 
 SERVE_DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, device="auto",
                       dtype="auto", api_key=None, max_model_len=None, max_running=32, max_waiting=256,
-                      queue_timeout=300.0, prefill_chunk=512, max_newcomers=1, log_level="info")
+                      queue_timeout=300.0, prefill_chunk=512, max_newcomers=1, prefix_cache_mb=256, packed=True,
+                      log_level="info")
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,12 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, help="queued requests beyond the running ones; more get 429 (default 256)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait to start before a 503 (default 300)")
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled per engine step (default 512)")
-    p.add_argument("--max-newcomers", type=int, help="prompts started per step while others decode (default 1)")
+    p.add_argument("--max-newcomers", type=int,
+                   help="prompts started per step while others decode (default 1; more when many wait for free rows)")
+    p.add_argument("--prefix-cache-mb", type=int,
+                   help="memory for prompt KV reused by prompts that start the same way (default 256; 0 = off)")
+    p.add_argument("--no-packed", dest="packed", action="store_const", const=False,
+                   help="prefill each prompt in its own forward instead of inside the decode step's")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -60,7 +66,9 @@ def build_app(settings: dict):
     engine = Engine(loaded, EngineConfig(max_running=settings["max_running"], max_waiting=settings["max_waiting"],
                                          queue_timeout=settings["queue_timeout"],
                                          prefill_chunk=settings["prefill_chunk"],
-                                         max_newcomers=settings["max_newcomers"])).start()
+                                         max_newcomers=settings["max_newcomers"],
+                                         prefix_cache_mb=settings["prefix_cache_mb"],
+                                         packed=settings["packed"])).start()
     return create_app(engine, api_key=settings["api_key"]), engine
 
 

@@ -29,11 +29,33 @@ def result(events):
     return ("".join(e.text for e in events), [t for e in events for t in e.token_ids], events[-1].finish_reason)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    eng = make_engine(tiny_model_dir, max_running=32, max_waiting=64)
+@pytest.fixture(scope="module", params=[True, False], ids=["packed", "unpacked"])
+def engine(request, tiny_model_dir):
+    # packed: prompt chunks ride in the decode forward (engine/packed.py); unpacked: the fallback
+    eng = make_engine(tiny_model_dir, max_running=32, max_waiting=64, packed=request.param)
+    assert eng.packed == request.param   # the packed self-test passes on the tiny Llama
     yield eng
     eng.stop()
+
+
+def test_packed_steps_give_the_tokens_of_plain_generate(tiny_model_dir):
+    """Engine greedy output (prefill chunked and packed with a decode row) == model.generate."""
+    import torch
+    eng = make_engine(tiny_model_dir, prefill_chunk=5)
+    try:
+        ids = prompt_ids(eng, "The quick brown fox")
+        params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+        async def two():   # a second request decodes while this one's prompt is prefilled in chunks
+            return await asyncio.gather(collect(eng, prompt_ids(eng, "Hello there"), params, "other"),
+                                        collect(eng, ids, params, "target"))
+
+        got = result(asyncio.run(two())[1])[1]
+        with torch.inference_mode():
+            ref = eng.model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        assert got == ref[0, len(ids):].tolist()
+    finally:
+        eng.stop()
 
 
 def test_greedy_alone_equals_inside_a_mixed_batch_of_16(engine):
@@ -75,6 +97,56 @@ def test_each_row_behaves_as_alone_in_a_batch(engine):
     assert alone[0][0] != alone[1][0]                       # seeds matter
     assert alone[3][2] == "length" and len(alone[3][1]) == 7
     assert "a" not in alone[5][0] and "b" not in alone[5][0]
+
+
+def test_prefix_cache_reuses_shared_prompt_starts(tiny_model_dir, engine):
+    system = {"role": "system", "content": " ".join(PROMPTS)}
+    prompts = [engine.render_prompt([system, {"role": "user", "content": q}]) for q in PROMPTS[:4]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    cold = make_engine(tiny_model_dir, prefix_cache_mb=0, packed=engine.packed)
+    try:
+        expected = [result(asyncio.run(collect(cold, ids, params))) for ids in prompts]
+        assert cold.stats["prefill_tokens"] == sum(len(ids) for ids in prompts)
+    finally:
+        cold.stop()
+    before = engine.stats["prefill_tokens"]
+    runs = [asyncio.run(collect(engine, ids, params)) for ids in prompts]
+    assert [result(r) for r in runs] == expected                  # same tokens as without the cache
+    cached = [r[-1].cached_tokens for r in runs]
+    shared = len(engine.render_prompt([system]))                  # the system turn, at least
+    assert all(c >= (shared // 16) * 16 for c in cached[1:])
+    assert engine.stats["prefill_tokens"] - before == sum(len(ids) for ids in prompts) - sum(cached)
+    # the same prompt again: everything but the last (partial) block comes from the cache
+    again = asyncio.run(collect(engine, prompts[0], params))
+    assert result(again) == expected[0]
+    assert again[-1].cached_tokens == ((len(prompts[0]) - 1) // 16) * 16
+
+
+def test_prefix_cache_stays_within_its_block_budget():
+    import torch
+    from transformers import DynamicCache
+    from engine.prefix_cache import PrefixCache
+
+    def kv(ids):
+        c = DynamicCache()
+        t = torch.tensor(ids, dtype=torch.float32).view(1, 1, -1, 1)
+        c.update(t, -t, 0)
+        return c
+
+    pc = PrefixCache(max_blocks=6, block=4)
+    shared = [1, 2, 3, 4, 5, 6, 7, 8]
+    for i in range(10):                               # 10 prompts: shared 2 blocks + 2 own blocks each
+        ids = shared + [100 + i] * 8 + [0]
+        pc.insert(ids, kv(ids))
+        assert pc.blocks <= 6
+    newest = shared + [109] * 8 + [5]
+    cache, past = pc.start(newest, None)
+    assert past == 16                                  # the most recent prompt's blocks survived
+    assert cache.layers[0].keys.flatten().tolist() == newest[:16]
+    assert cache.layers[0].values.flatten().tolist() == [-x for x in newest[:16]]
+    cache, past = pc.start(shared + [100] * 8, None)   # the oldest own blocks were evicted
+    assert past == 8
+    assert pc.start(shared, None)[1] == 4              # at least one token is always left to prefill
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny_model_dir, engine):

@@ -51,6 +51,34 @@ def test_capital_of_france_over_http(http):
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
 
 
+def test_greedy_tokens_alone_equal_inside_a_batch_of_16(server):
+    """SmolLM2 in float32: the same greedy text alone and among 15 other requests (other prompts,
+    samplers and lengths) that share its decode forwards and its prompt's packed step."""
+    import asyncio
+
+    prompts = ["Write a haiku about autumn.", "List three uses of copper.", "Explain what a compiler does.",
+               "What is 17 times 3?", "Describe the sea in one sentence."]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+            async def ask(content, **params):
+                r = await client.post("/v1/chat/completions",
+                                      json={"messages": [{"role": "user", "content": content}], **params})
+                assert r.status_code == 200
+                return r.json()["choices"][0]["message"]["content"]
+
+            target = dict(temperature=0, max_tokens=32, ignore_eos=True)
+            alone = await ask("Tell me about the moon.", **target)
+            others = [ask(prompts[i % 5], temperature=[0, 0.8, 1.2][i % 3], seed=i, max_tokens=6 + 3 * i)
+                      for i in range(15)]
+            together = await asyncio.gather(ask("Tell me about the moon.", **target), *others)
+            return alone, together[0]
+
+    alone, batched = asyncio.run(scenario())
+    assert len(alone) > 40
+    assert batched == alone
+
+
 def test_openai_sdk_stream_equals_non_stream(openai_client):
     msgs = [{"role": "user", "content": "Name three colours of the rainbow."}]
     full = openai_client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs,
