@@ -38,6 +38,27 @@ def free_port() -> int:
     return port
 
 
+def start_server(extra: list[str], model: str | None = None, dtype: str = "float32"):
+    """`chatserve serve` in a subprocess on a free port, once /health answers: (process, port)."""
+    import httpx
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--dtype", dtype,
+           "--device", "cpu", "--log-level", "warning"] + (["--model", model] if model else []) + extra
+    print(">> starting", " ".join(cmd))
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    deadline = time.time() + 600
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit("server did not start")
+        time.sleep(0.5)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -67,7 +88,7 @@ def raw_generate(model_spec: str | None, dtype: str, max_tokens: int, batch: int
         return n * max_tokens / dt
 
     run(1)   # warm-up
-    b1 = statistics.median(run(1) for _ in range(repeats))
+    b1 = statistics.median(run(1) for _ in range(max(5, repeats)))   # the noisiest figure: more runs
     bN = statistics.median(run(batch) for _ in range(max(1, repeats // 2)))
     # prefill of one prompt + one decode step (the TTFT floor)
     enc = tok(prompts[:1], return_tensors="pt", add_special_tokens=False)
@@ -102,27 +123,10 @@ def main() -> int:
         report["raw"] = raw_generate(args.model, args.dtype, args.max_tokens, args.static_batch, args.repeats)
         print(json.dumps(report["raw"], indent=2))
 
-    port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--dtype", args.dtype,
-           "--device", "cpu", "--max-running", str(max(conc)), "--log-level", "warning"]
-    if args.model:
-        cmd += ["--model", args.model]
-    cmd += args.server_args.split()
-    print(">> starting", " ".join(cmd))
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+    proc, port = start_server(["--max-running", str(max(conc))] + args.server_args.split(), args.model, args.dtype)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         import httpx
-        deadline = time.time() + 600
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                raise SystemExit("server did not start")
-            time.sleep(0.5)
         model = httpx.get(base + "/models").json()["data"][0]["id"]
         runs = []
         for c in conc:

@@ -111,7 +111,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         out, _ = sdpa_attention_forward(module, q, layer.keys, layer.values, mask, scaling=scaling, is_causal=True)
         parts.append(out[0])                                            # [n, H, D]
         off += seg.n
-    return torch.cat(parts, dim=0).unsqueeze(0), None                   # [1, N, H, D]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return out.unsqueeze(0), None                                       # [1, N, H, D]
 
 
 AttentionInterface.register(NAME, packed_attention)
@@ -133,6 +134,14 @@ def install(model, cache_kw: str, device) -> bool:
     original = model.config._attn_implementation
     if original not in ("sdpa", NAME):
         log.info("packed steps off: the model uses %s attention, not sdpa", original)
+        return False
+    cfg = model.config
+    layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+    if layer_types != {"full_attention"} or sliding:
+        # packed_attention attends over the whole cache: a window (or a non-attention layer) would be
+        # ignored, and a short self-test cannot see that
+        log.info("packed steps off: the model has sliding-window or non-attention layers (%s)", sorted(layer_types))
         return False
     try:
         model.set_attn_implementation(NAME)

@@ -99,6 +99,23 @@ def test_each_row_behaves_as_alone_in_a_batch(engine):
     assert "a" not in alone[5][0] and "b" not in alone[5][0]
 
 
+def test_a_sliding_window_model_takes_the_unpacked_path(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+    folder = tmp_path / "windowed"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(sliding_window=16, use_sliding_window=True)   # packed attention would ignore the window
+    (folder / "config.json").write_text(json.dumps(cfg))
+    eng = make_engine(folder)
+    try:
+        assert eng.packed is False
+        events = asyncio.run(collect(eng, prompt_ids(eng, "Hello there"), SamplingParams(temperature=0, max_tokens=5)))
+        assert events[-1].finish_reason in ("stop", "length") and events[-1].completion_tokens >= 1
+    finally:
+        eng.stop()
+
+
 def test_prefix_cache_reuses_shared_prompt_starts(tiny_model_dir, engine):
     system = {"role": "system", "content": " ".join(PROMPTS)}
     prompts = [engine.render_prompt([system, {"role": "user", "content": q}]) for q in PROMPTS[:4]]
