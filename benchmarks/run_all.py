@@ -94,7 +94,7 @@ def raw_generate(model_spec: str | None, dtype: str, max_tokens: int, batch: int
     enc = tok(prompts[:1], return_tensors="pt", add_special_tokens=False)
     times = []
     with torch.inference_mode():
-        for _ in range(repeats):
+        for _ in range(max(7, repeats)):   # a short measurement: more runs against the machine's noise
             t = time.perf_counter()
             model.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False)
             times.append(time.perf_counter() - t)

@@ -1,0 +1,36 @@
+"""`chatserve serve` settings: defaults <- --config YAML <- command-line flags."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server.cli import _serve_parser, resolve_serve_args
+
+
+def settings(argv):
+    p = argparse.ArgumentParser()
+    _serve_parser(p)
+    return resolve_serve_args(p.parse_args(argv))
+
+
+def test_defaults_turn_packed_steps_and_the_prefix_cache_on():
+    s = settings([])
+    assert s["packed"] is True and s["prefix_cache_mb"] == 256 and s["max_newcomers"] == 1
+
+
+def test_flags_override_the_config_file(tmp_path):
+    cfg = tmp_path / "preset.yaml"
+    cfg.write_text("prefix-cache-mb: 64\nmax_running: 8\npacked: true\n")
+    s = settings(["--config", str(cfg), "--max-running", "4", "--no-packed"])
+    assert s["prefix_cache_mb"] == 64            # from the file
+    assert s["max_running"] == 4                 # the flag wins
+    assert s["packed"] is False
+    assert settings(["--prefix-cache-mb", "0"])["prefix_cache_mb"] == 0
+
+
+def test_unknown_config_keys_are_refused(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("prefix_cache_gb: 1\n")
+    with pytest.raises(SystemExit, match="prefix_cache_gb"):
+        settings(["--config", str(cfg)])
