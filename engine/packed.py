@@ -179,4 +179,6 @@ def _self_test(model, cache_kw: str, device) -> tuple[bool, str]:
         refs = [plain(a[:6]), plain(a), plain(b)]
         got = [first[0], second[0], second[1]]
     worst = max(float((x - r).abs().max() / (r.abs().max() + 1e-6)) for x, r in zip(got, refs))
-    return worst < 1e-3, f"max relative logit difference {worst:.2e}"
+    # A layout mistake is off by O(1); rounding is ~1e-6 in float32 and ~1e-2 in 16-bit floats.
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return worst < tolerance, f"max relative logit difference {worst:.2e} (tolerance {tolerance:.0e})"
