@@ -67,6 +67,12 @@ class Engine:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.batch = DecodeBatch(self.device, self._cache_kw)
+        if str(self.device).startswith("cuda") and torch.backends.cuda.cudnn_sdp_enabled():
+            # torch sends masked SDPA to cuDNN first, and cuDNN builds an execution plan for every new
+            # shape (hundreds of ms); a decode batch's cache width changes every step. Flash and
+            # memory-efficient attention need no plans.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            log.info("cuDNN SDPA backend off (it plans per shape; decode shapes change every step)")
         self.packed = self.config.packed and packed.install(self.model, self._cache_kw, self.device)
         log.info("engine steps: %s", "packed (prefill chunks join the decode forward)" if self.packed
                  else "separate batch-1 prefill forwards, then one decode forward")
