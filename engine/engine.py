@@ -299,11 +299,6 @@ class Engine:
         t1 = time.perf_counter()
         self.stats["time_forward_s"] += t1 - t0
         for seq in completing:   # newcomers join the batch after the rows that decoded this step
-            if self.prefix_cache is not None:
-                self.prefix_cache.insert(seq.request.prompt_ids, seq.prefill_cache)
-            sched.start_running(seq)
-            self.batch.join(seq.prefill_cache)
-            seq.prefill_cache = None
             self._start_decoding(seq)
         stepping = rows + completing
         t2 = time.perf_counter()
@@ -327,11 +322,6 @@ class Engine:
             logits = self._prefill(seq, n)
             if seq.num_prefilled < seq.prompt_len:
                 continue
-            if self.prefix_cache is not None:
-                self.prefix_cache.insert(seq.request.prompt_ids, seq.prefill_cache)
-            sched.start_running(seq)
-            self.batch.join(seq.prefill_cache)
-            seq.prefill_cache = None
             self._start_decoding(seq)
             tokens, raw_lp = sample_batch(logits, [seq.row])
             self._postprocess(seq, tokens[0], raw_lp, 0, out)
@@ -364,6 +354,12 @@ class Engine:
         return out.logits[:, -1, :].float()
 
     def _start_decoding(self, seq: Sequence) -> None:
+        """A fully prefilled prompt: keep its KV for reuse, move it into the decode batch."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(seq.request.prompt_ids, seq.prefill_cache)
+        self.scheduler.start_running(seq)
+        self.batch.join(seq.prefill_cache)
+        seq.prefill_cache = None
         req = seq.request
         seq.row = RowState(req.params, self.device, self.vocab_size, self.eos_ids, req.constraint)
         seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)

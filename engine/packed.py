@@ -34,7 +34,7 @@ log = logging.getLogger("chatserve.engine")
 
 NAME = "chatserve_packed"
 # A 4-D attention_mask is taken by transformers as already prepared and handed to attention as is.
-_PLACEHOLDER_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+_placeholder_masks: dict[str, torch.Tensor] = {}
 
 
 @dataclass
@@ -124,7 +124,10 @@ def forward(model, cache_kw: str, tokens: list[int], positions: list[int], step:
     """Run one packed step; returns float logits at the packed indices ``keep`` ([len(keep), V])."""
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     pos = torch.tensor([positions], dtype=torch.long, device=device)
-    out = model(input_ids=ids, position_ids=pos, attention_mask=_PLACEHOLDER_MASK.to(device), use_cache=True,
+    mask = _placeholder_masks.get(str(device))
+    if mask is None:   # made once per device, not copied to it every step
+        mask = _placeholder_masks[str(device)] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device), **{cache_kw: step})
     return out.logits[0].float()
 
