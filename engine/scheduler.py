@@ -82,9 +82,9 @@ class Scheduler:
     def prefill_work(self, begin=None) -> list[tuple[Sequence, int]]:
         """(sequence, number of prompt tokens to run now), within this step's token budget.
 
-        Prompts are prefilled alone (batch 1, no padding) in chunks of at most ``prefill_chunk``
-        tokens, so a long prompt delays the running streams by one chunk per step, not by all of
-        it. ``begin(seq)`` is called once for a sequence about to get its first chunk (the engine
+        Each prompt is prefilled into its own cache (no padding), at most ``prefill_chunk`` prompt
+        tokens per step in all, so a long prompt delays the running streams by one chunk per step,
+        not by all of it. ``begin(seq)`` is called once for a sequence about to get its first chunk (the engine
         starts its cache there, from the prefix cache when it can: fewer tokens left to prefill).
         While rows are decoding, a step starts ``max_newcomers`` prompts (default 1), or a quarter
         of the prompts that have a free row waiting for them if that is more. One at a time keeps
