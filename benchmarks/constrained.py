@@ -19,6 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run_all import write_report  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string"}, "age": {"type": "integer"},
@@ -36,7 +39,6 @@ def tool(i: int) -> dict:
 
 async def timed(engine, ids, params, constraint=None):
     from engine.request import GenerationRequest
-    t0 = time.perf_counter()
     first = None
     n = 0
     text = ""
@@ -103,10 +105,7 @@ def main() -> int:
               f"ratio {report['constrained_vs_unconstrained_tok_s']:.3f}x")
     finally:
         engine.stop()
-    out = ROOT / "bench-results" / f"constrained-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print("wrote", out)
+    write_report("constrained", report)
     return 0
 
 

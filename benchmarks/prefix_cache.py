@@ -11,18 +11,15 @@ and how many prompt tokens the engine prefilled; then the on/off ratios.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run_all import start_server  # noqa: E402
-from server.bench import run_load  # noqa: E402
+from run_all import measured_run, start_server, write_report  # noqa: E402
 
 SYSTEM = " ".join(
     f"Rule {i}: when a customer asks about order {1000 + 37 * i}, check the warehouse in "
@@ -53,11 +50,8 @@ def main() -> int:
             runs = []
             for c in conc:
                 n = args.requests_per_run or max(2 * c, 12)
-                before = httpx.get(f"http://127.0.0.1:{port}/health").json()["stats"]
-                s = asyncio.run(run_load(base, model, c, n, args.max_tokens, prompts, ignore_eos=True,
-                                         warmup=1 if c == conc[0] else 0))
-                after = httpx.get(f"http://127.0.0.1:{port}/health").json()["stats"]
-                prefilled = after.get("prefill_tokens", 0) - before.get("prefill_tokens", 0)
+                s, moved = measured_run(port, model, c, n, args.max_tokens, prompts, warmup=1 if c == conc[0] else 0)
+                prefilled = moved.get("prefill_tokens", 0)
                 runs.append({"concurrency": c, "ok": s["ok"], "failed": s["failed"],
                              "output_throughput": s["output_throughput"], "ttft_ms": s["ttft_ms"],
                              "prompt_tokens": s["total_prompt_tokens"], "prefilled_tokens": prefilled})
@@ -75,10 +69,7 @@ def main() -> int:
         ratios[f"c{c}_throughput_on_over_off"] = on["output_throughput"] / off["output_throughput"]
     report["ratios"] = ratios
     print(">> ratios:", json.dumps(ratios, indent=2))
-    out = ROOT / "bench-results" / f"prefix-cache-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(">> wrote", out)
+    write_report("prefix-cache", report)
     return 0
 
 

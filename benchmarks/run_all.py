@@ -59,6 +59,26 @@ def start_server(extra: list[str], model: str | None = None, dtype: str = "float
         time.sleep(0.5)
 
 
+def measured_run(port: int, model: str, c: int, n: int, max_tokens: int, prompts, warmup: int = 0):
+    """`chatserve bench`'s closed loop at concurrency c against the server on ``port``: (its summary,
+    how much each engine counter on /health moved during the run)."""
+    import httpx
+    health = f"http://127.0.0.1:{port}/health"
+    before = httpx.get(health).json()["stats"]
+    s = asyncio.run(run_load(f"http://127.0.0.1:{port}/v1", model, c, n, max_tokens, prompts, ignore_eos=True,
+                             warmup=warmup))
+    after = httpx.get(health).json()["stats"]
+    return s, {k: v - before.get(k, 0) for k, v in after.items()}
+
+
+def write_report(prefix: str, report: dict) -> Path:
+    out = ROOT / "bench-results" / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(">> wrote", out)
+    return out
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -131,12 +151,8 @@ def main() -> int:
         runs = []
         for c in conc:
             n = args.requests_per_run or max(4 * c, 8)
-            before = httpx.get(f"http://127.0.0.1:{port}/health").json()["stats"]
-            s = asyncio.run(run_load(base, model, c, n, args.max_tokens, DEFAULT_PROMPTS, ignore_eos=True,
-                                     warmup=1 if c == conc[0] else 0))
-            after = httpx.get(f"http://127.0.0.1:{port}/health").json()["stats"]
-            steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
-            s["mean_batch_rows"] = (after.get("decode_rows", 0) - before.get("decode_rows", 0)) / max(1, steps)
+            s, moved = measured_run(port, model, c, n, args.max_tokens, DEFAULT_PROMPTS, warmup=1 if c == conc[0] else 0)
+            s["mean_batch_rows"] = moved.get("decode_rows", 0) / max(1, moved.get("decode_steps", 0))
             runs.append({k: s[k] for k in ("concurrency", "ok", "failed", "output_throughput", "ttft_ms", "tpot_ms",
                                            "itl_ms", "e2e_ms", "total_output_tokens", "mean_batch_rows")})
             print(f"   c={c:>3}: {s['ok']} ok {s['failed']} failed, {s['output_throughput']:.1f} tok/s, "
@@ -170,10 +186,7 @@ def main() -> int:
             ratios["ttft_p50_c8_vs_prefill_plus_decode"] = (by_c[8]["ttft_ms"]["p50"] / 1000) / raw["prefill_plus_decode_s"]
         report["ratios"] = ratios
         print(">> ratios:", json.dumps(ratios, indent=2))
-    out = ROOT / "bench-results" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(">> wrote", out)
+    write_report("throughput", report)
     return 0
 
 
