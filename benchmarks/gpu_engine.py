@@ -95,7 +95,7 @@ def main() -> int:
         res["generate_b32"] = statistics.median(generate(32) for _ in range(3))
 
         for packed in (True, False):
-            eng = Engine(lm, EngineConfig(packed=packed, max_running=32, prefix_cache_mb=0)).start()
+            eng = Engine(lm, EngineConfig(packed=packed, max_running=32, prefix_cache=False)).start()
             assert eng.packed == packed, "packed self-test failed on this model"
             params = SamplingParams(temperature=0, max_tokens=T, ignore_eos=True)
 

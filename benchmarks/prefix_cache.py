@@ -42,8 +42,8 @@ def main() -> int:
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
     report: dict = {"args": vars(args), "settings": {}}
     import httpx
-    for label, flag in (("off", "0"), ("on", "256")):
-        proc, port = start_server(["--max-running", str(max(conc)), "--prefix-cache-mb", flag], args.model)
+    for label, flags in (("off", ["--no-prefix-cache"]), ("on", [])):
+        proc, port = start_server(["--max-running", str(max(conc))] + flags, args.model)
         base = f"http://127.0.0.1:{port}/v1"
         try:
             model = httpx.get(base + "/models").json()["data"][0]["id"]

@@ -1,12 +1,16 @@
 """The engine: a step loop over a continuously batched set of sequences.
 
-step() = schedule (admission, aborts, queue timeouts, which prompts start and how many of their
-tokens, the prefix cache) -> run (one packed forward: every running row's next token plus this
-step's prompt chunks, engine/packed.py) -> postprocess (per-row sampling, detokenization, stop
-checks, events to each request's own stream; finished rows leave the batch).
+step() = schedule (aborts, queue timeouts, a KV slot for every running row's next token, preempting
+the newest sequence when the pool is full, which prompts start and how many of their tokens)
+-> run (one packed forward over the KV pool: every running row's next token plus this step's prompt
+chunks, engine/paged.py) -> postprocess (per-row sampling, detokenization, stop checks, events to
+each request's own stream; finished sequences free their blocks).
 
-Models the packed forward does not fit (its self-test fails) take the unpacked path: a batch-1
-forward per prompt chunk, then one decode forward over the running rows.
+KV lives in one pool (engine/kv_cache.py) whose blocks engine/block_manager.py hands out; a
+sequence holds block ids, never tensors. Models the paged forward does not fit (its self-test
+fails, or they have non-attention layers) take the fallback path: a batch-1 forward per prompt
+chunk into the sequence's own DynamicCache, then one decode forward over a left-padded batch cache
+(engine/batch.py); no prefix cache and no preemption there.
 
 The loop runs on its own thread; ``generate()`` is the async public API: submit a request, get an
 async stream of TokenEvents.
@@ -21,14 +25,17 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+import itertools
+
 import torch
 from transformers import DynamicCache
 
-from . import packed
+from . import paged
 from .batch import DecodeBatch
+from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer, StopStringMatcher, TokenTexts
+from .kv_cache import KVPool, PoolShape, plan_num_blocks
 from .loader import LoadedModel
-from .prefix_cache import PrefixCache
 from .prompt import PromptRenderer
 from .request import GenerationRequest, TokenEvent
 from .sampling import RowState, logprob_entries, sample_batch
@@ -44,8 +51,12 @@ class EngineConfig:
     queue_timeout: float | None = 300.0   # seconds a request may wait to start
     prefill_chunk: int = 512       # prompt tokens prefilled per step
     max_newcomers: int = 1         # prompts started per step while rows are decoding
-    packed: bool = True            # prefill chunks ride in the decode step's forward (engine/packed.py)
-    prefix_cache_mb: int = 256     # prompt KV kept for reuse by prompts with the same start; 0 = off
+    packed: bool = True            # one forward per step over the KV pool (engine/paged.py); False: fallback
+    prefix_cache: bool = True      # full KV blocks reused by prompts that start the same way
+    block_size: int = 16           # tokens per KV block
+    kv_cache_memory_fraction: float | None = None   # CUDA: share of free memory for the pool (default 0.9)
+    kv_cache_gb: float | None = None                # the pool's size in GiB (default off CUDA: 1)
+    kv_cache_blocks: int | None = None              # the pool's size in blocks (tests)
 
 
 class Engine:
@@ -61,8 +72,8 @@ class Engine:
         self.texts = TokenTexts(self.tokenizer)
         self.eos_ids = self._eos_ids()
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
-        self.scheduler = Scheduler(self.config.max_running, self.config.max_waiting,
-                                   self.config.queue_timeout, self.config.prefill_chunk, self.config.max_newcomers)
+        self.scheduler = Scheduler(self.config.max_running, self.config.queue_timeout, self.config.prefill_chunk,
+                                   self.config.max_newcomers)
         # transformers renamed forward(past_key_values=) to forward(cache=) during 5.x
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -73,10 +84,14 @@ class Engine:
             # memory-efficient attention need no plans.
             torch.backends.cuda.enable_cudnn_sdp(False)
             log.info("cuDNN SDPA backend off (it plans per shape; decode shapes change every step)")
-        self.packed = self.config.packed and packed.install(self.model, self._cache_kw, self.device)
-        log.info("engine steps: %s", "packed (prefill chunks join the decode forward)" if self.packed
-                 else "separate batch-1 prefill forwards, then one decode forward")
-        self.prefix_cache = self._make_prefix_cache()
+        self.packed = self.config.packed and paged.install(self.model, self._cache_kw, self.device)
+        self.pool: KVPool | None = None
+        self.blocks: BlockManager | None = None
+        if self.packed:
+            self._make_pool()
+        log.info("engine steps: %s", "one packed forward over the KV pool (prefill chunks join the decode forward)"
+                 if self.packed else "fallback: separate batch-1 prefill forwards, then one decode forward")
+        self._start_order = itertools.count()
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
         self._in_system = 0
@@ -98,27 +113,75 @@ class Engine:
             ids.add(int(self.tokenizer.eos_token_id))
         return sorted(ids)
 
-    def _make_prefix_cache(self) -> PrefixCache | None:
-        if self.config.prefix_cache_mb <= 0:
-            return None
-        cfg = self.model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        block = 16
-        elem = next(self.model.parameters()).element_size()
-        per_block = cfg.num_hidden_layers * 2 * kv_heads * head_dim * block * elem
-        max_blocks = max(1, self.config.prefix_cache_mb * 2**20 // per_block)
-        log.info("prefix cache: up to %d blocks of %d tokens (%d MB)", max_blocks, block, self.config.prefix_cache_mb)
-        return PrefixCache(max_blocks, block)
+    def _make_pool(self) -> None:
+        cfg, bs = self.config, self.config.block_size
+        shape = PoolShape.of(self.model)
+        n, why = plan_num_blocks(shape, self.device, bs, max_running=cfg.max_running,
+                                 max_model_len=self.max_model_len, memory_fraction=cfg.kv_cache_memory_fraction,
+                                 gb=cfg.kv_cache_gb, blocks=cfg.kv_cache_blocks)
+        self.pool = KVPool(shape, n, bs, self.device)
+        self.blocks = BlockManager(n, bs, prefix_caching=cfg.prefix_cache)
+        if self.blocks.capacity_tokens < self.max_model_len:
+            log.warning("the KV pool holds %d tokens: context length capped from %d", self.blocks.capacity_tokens,
+                        self.max_model_len)
+            self.max_model_len = self.blocks.capacity_tokens
+        # admission keeps a few blocks free for running rows, so a newcomer rarely forces a preemption
+        self._watermark = max(1, (n - 1) // 100)
+        log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d tokens; %s); prefix cache %s", n - 1, bs,
+                 self.pool.nbytes / 2**20, self.blocks.capacity_tokens, why, "on" if cfg.prefix_cache else "off")
 
-    def _begin_prefill(self, seq: Sequence) -> None:
-        if self.prefix_cache is None:
+    def _begin(self, seq: Sequence) -> bool:
+        """Give a sequence about to be prefilled its KV; False when there is no room for it yet."""
+        if not self.packed:
             seq.prefill_cache = DynamicCache(config=self.model.config)
-            return
-        seq.prefill_cache, seq.num_prefilled = self.prefix_cache.start(seq.request.prompt_ids, self.model.config)
-        seq.cached_tokens = seq.num_prefilled
-        self.stats["prefix_cache_hit_tokens"] += seq.cached_tokens
-        self.stats["prefix_cache_blocks"] = self.prefix_cache.blocks
+        else:
+            need = self.blocks.blocks_for(seq.num_tokens)
+            busy = self.scheduler.running or any(s.started for s in self.scheduler.waiting)
+            if need + (self._watermark if busy else 0) > self.blocks.num_free:
+                return False
+            seq.block_table, cached = self.blocks.allocate(seq.token_ids)
+            seq.num_prefilled = cached
+            if not seq.preemptions:
+                seq.cached_tokens = cached
+            self.stats["prefix_cache_hit_tokens"] += cached
+        seq.started = True
+        seq.start_order = next(self._start_order)
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        """Drop a sequence's KV (its blocks go back to the pool, full ones stay reusable)."""
+        if seq.block_table:
+            self.blocks.free_table(seq.block_table)
+        seq.prefill_cache = None
+        seq.started = False
+        seq.num_prefilled = seq.num_registered = 0
+        seq.prev_hash = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("KV pool full: preempting %s after %d tokens (recomputed when blocks free up)",
+                 seq.request.request_id, len(seq.output_ids))
+        self._release(seq)
+        seq.preemptions += 1
+        self.stats["preemptions"] += 1
+        if seq in self.scheduler.running:
+            self.scheduler.preempt(seq)
+
+    def _reserve_decode_slots(self) -> None:
+        """A slot for every running row's next token; the newest sequence holding KV is preempted
+        (possibly the row itself) while the pool has none."""
+        for seq in list(self.scheduler.running):   # oldest first
+            if not seq.started:
+                continue   # preempted for an older row just now
+            while not self.blocks.append_slot(seq.block_table, seq.num_tokens - 1):
+                holders = self.scheduler.running + [s for s in self.scheduler.waiting if s.started]
+                victim = max(holders, key=lambda s: s.start_order)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+
+    def _register(self, seq: Sequence, num_computed: int) -> None:
+        seq.num_registered, seq.prev_hash = self.blocks.register(seq.token_ids, seq.block_table, num_computed,
+                                                                 seq.num_registered, seq.prev_hash)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="chatserve-engine", daemon=True)
@@ -242,7 +305,7 @@ class Engine:
     def _fail_all(self, message: str, waiting_too: bool = False) -> None:
         out: list[tuple[Sequence, TokenEvent]] = []
         victims = list(self.scheduler.running)
-        victims += [s for s in self.scheduler.waiting if waiting_too or s.prefill_cache is not None]
+        victims += [s for s in self.scheduler.waiting if waiting_too or s.started]
         for seq in victims:
             self._finish(seq, "error", out, error=message)
         self.scheduler.running = []
@@ -260,59 +323,75 @@ class Engine:
         if gone_rows:
             for seq in sched.remove_rows(gone_rows):
                 self._finish(seq, "abort", out)
-            self.batch.remove(gone_rows)
+            if not self.packed:
+                self.batch.remove(gone_rows)
         for seq in sched.timed_out(time.monotonic()):
             self._finish(seq, "error", out, error="queue_timeout")
         if self.packed:
-            self._run_packed(sched.prefill_work(self._begin_prefill), out)
+            self._run_paged(out)
         else:
-            out = self._run_unpacked(sched.prefill_work(self._begin_prefill), out)
+            out = self._run_unpacked(sched.prefill_work(self._begin), out)
         finished = [i for i, s in enumerate(sched.running) if s.finished]
         if finished:
             sched.remove_rows(finished)
-            self.batch.remove(finished)
+            if not self.packed:
+                self.batch.remove(finished)
+        if self.blocks is not None:
+            self.stats.update(self.blocks.stats())
         self._deliver(out)
 
-    def _run_packed(self, work: list[tuple[Sequence, int]], out) -> None:
-        """One forward: the next token of every running row, then this step's prompt chunks."""
+    def _run_paged(self, out) -> None:
+        """One forward over the pool: the next token of every running row, then this step's prompt chunks."""
         sched = self.scheduler
+        self._reserve_decode_slots()
+        work = sched.prefill_work(self._begin)
         rows = list(sched.running)
-        tokens = [s.output_ids[-1] for s in rows]
-        positions, mask = self.batch.prepare_decode() if rows else ([], None)
-        keep = list(range(len(rows)))
-        segments, completing = [], []
+        tokens = [s.token_ids[-1] for s in rows]
+        positions = [s.num_tokens - 1 for s in rows]
+        row_layout = [(s.block_table, s.num_tokens) for s in rows]
+        chunks, keep, completing = [], list(range(len(rows))), []
         for seq, n in work:
             start = seq.num_prefilled
-            tokens += seq.request.prompt_ids[start:start + n]
+            tokens += seq.token_ids[start:start + n]
             positions += range(start, start + n)
-            segments.append(packed.Segment(seq.prefill_cache, start, n))
+            chunks.append((seq.block_table, start, n))
             seq.num_prefilled += n
             self.stats["prefill_tokens"] += n
-            if seq.num_prefilled >= seq.prompt_len:
+            if seq.num_prefilled >= seq.num_tokens:
                 completing.append(seq)
                 keep.append(len(tokens) - 1)
         if not tokens:
             return
-        step = packed.PackedStep(self.batch.cache if rows else None, len(rows), mask, segments)
         t0 = time.perf_counter()
-        logits = packed.forward(self.model, self._cache_kw, tokens, positions, step, keep, self.device)
+        step = paged.PagedStep.build(self.pool, row_layout, chunks, self.device)
+        logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep, self.device)
         t1 = time.perf_counter()
         self.stats["time_forward_s"] += t1 - t0
-        for seq in completing:   # newcomers join the batch after the rows that decoded this step
+        for seq in rows:                 # full blocks whose KV is now written become reusable
+            self._register(seq, seq.num_tokens)
+        for seq, _ in work:
+            self._register(seq, seq.num_prefilled)
+        for seq in completing:           # newcomers join after the rows that decoded this step
             self._start_decoding(seq)
-        stepping = rows + completing
-        t2 = time.perf_counter()
-        sampled, raw_lp = sample_batch(logits, [s.row for s in stepping])
-        t3 = time.perf_counter()
         if rows:
             self.stats["decode_steps"] += 1
             self.stats["decode_rows"] += len(rows)
-        for i, (seq, tok) in enumerate(zip(stepping, sampled)):
-            self._postprocess(seq, tok, raw_lp, i, out)
-        t4 = time.perf_counter()
+        t2 = time.perf_counter()
+        self._sample_and_postprocess(logits, rows + completing, out)
         self.stats["time_join_s"] += t2 - t1
-        self.stats["time_sample_s"] += t3 - t2
-        self.stats["time_postprocess_s"] += t4 - t3
+
+    def _sample_and_postprocess(self, logits: torch.Tensor, seqs: list[Sequence], out) -> None:
+        t0 = time.perf_counter()
+        sampled, raw_lp = sample_batch(logits, [s.row for s in seqs])
+        t1 = time.perf_counter()
+        for i, (seq, tok) in enumerate(zip(seqs, sampled)):
+            try:
+                self._postprocess(seq, tok, raw_lp, i, out)
+            except Exception as exc:   # this request's bug (detokenizer, stop matcher, constraint): it alone fails
+                log.exception("%s failed in postprocessing", seq.request.request_id)
+                self._finish(seq, "error", out, error=f"internal error: {type(exc).__name__}: {exc}")
+        self.stats["time_sample_s"] += t1 - t0
+        self.stats["time_postprocess_s"] += time.perf_counter() - t1
 
     def _run_unpacked(self, work: list[tuple[Sequence, int]], out) -> list:
         """Fallback for models packed steps do not fit: a batch-1 forward per prefill chunk, then
@@ -320,11 +399,10 @@ class Engine:
         sched = self.scheduler
         for seq, n in work:
             logits = self._prefill(seq, n)
-            if seq.num_prefilled < seq.prompt_len:
+            if seq.num_prefilled < seq.num_tokens:
                 continue
             self._start_decoding(seq)
-            tokens, raw_lp = sample_batch(logits, [seq.row])
-            self._postprocess(seq, tokens[0], raw_lp, 0, out)
+            self._sample_and_postprocess(logits, [seq], out)
             self._deliver(out)   # its first token goes out now, not after the rest of the step
             out = []
         finished = [i for i, s in enumerate(sched.running) if s.finished]
@@ -334,18 +412,14 @@ class Engine:
         if sched.running:
             kwargs = self.batch.decode_inputs([s.output_ids[-1] for s in sched.running])
             logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1, :].float()
-            tokens, raw_lp = sample_batch(logits, [s.row for s in sched.running])
             self.stats["decode_steps"] += 1
-            self.stats["decode_rows"] += len(tokens)
-            for i, (seq, tok) in enumerate(zip(sched.running, tokens)):
-                self._postprocess(seq, tok, raw_lp, i, out)
+            self.stats["decode_rows"] += len(sched.running)
+            self._sample_and_postprocess(logits, list(sched.running), out)
         return out
 
     def _prefill(self, seq: Sequence, n: int) -> torch.Tensor:
-        if seq.prefill_cache is None:
-            seq.prefill_cache = DynamicCache(config=self.model.config)
         start = seq.num_prefilled
-        ids = torch.tensor([seq.request.prompt_ids[start:start + n]], dtype=torch.long, device=self.device)
+        ids = torch.tensor([seq.token_ids[start:start + n]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, device=self.device)
         out = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), cache_position=positions,
                          use_cache=True, logits_to_keep=1, **{self._cache_kw: seq.prefill_cache})
@@ -354,20 +428,20 @@ class Engine:
         return out.logits[:, -1, :].float()
 
     def _start_decoding(self, seq: Sequence) -> None:
-        """A fully prefilled prompt: keep its KV for reuse, move it into the decode batch."""
-        if self.prefix_cache is not None:
-            self.prefix_cache.insert(seq.request.prompt_ids, seq.prefill_cache)
+        """A fully prefilled sequence moves into the running batch (a preempted one resumes)."""
         self.scheduler.start_running(seq)
-        self.batch.join(seq.prefill_cache)
-        seq.prefill_cache = None
-        req = seq.request
-        seq.row = RowState(req.params, self.device, self.vocab_size, self.eos_ids, req.constraint)
-        seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
-        seq.stopper = StopStringMatcher(req.params.stop)
+        if not self.packed:
+            self.batch.join(seq.prefill_cache)
+            seq.prefill_cache = None
+        if seq.row is None:
+            req = seq.request
+            seq.row = RowState(req.params, self.device, self.vocab_size, self.eos_ids, req.constraint)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
+            seq.stopper = StopStringMatcher(req.params.stop)
 
     def _postprocess(self, seq: Sequence, token: int, raw_lp, i: int, out) -> None:
         params = seq.request.params
-        seq.output_ids.append(token)
+        seq.append(token)
         seq.row.accept(token)
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
@@ -400,7 +474,7 @@ class Engine:
         if seq.finished:
             return
         seq.finished = True
-        seq.prefill_cache = None
+        self._release(seq)
         with self._cv:
             self._in_system -= 1
         self.stats[f"finished_{reason}"] += 1

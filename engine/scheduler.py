@@ -1,4 +1,4 @@
-"""Sequences and the waiting / running queues, admission and cancellation."""
+"""Sequences and the waiting / running queues, admission, preemption and cancellation."""
 from __future__ import annotations
 
 import itertools
@@ -23,14 +23,21 @@ _ids = itertools.count()
 @dataclass(eq=False)
 class Sequence:
     request: GenerationRequest
-    sink: object                              # callable(TokenEvent), thread-safe
+    sink: object                              # (event loop, asyncio.Queue) its events go to
     max_tokens: int
     arrival: float = field(default_factory=time.monotonic)
     seq_id: int = field(default_factory=lambda: next(_ids))
-    # prefill
-    prefill_cache: object = None              # own DynamicCache while the prompt is being prefilled
-    num_prefilled: int = 0
+    token_ids: list[int] = field(default_factory=list)   # prompt + output so far
+    # KV: block ids in the pool (engine/block_manager.py), or the fallback path's own cache
+    block_table: list[int] = field(default_factory=list)
+    prefill_cache: object = None              # fallback path: own DynamicCache while prefilling
+    started: bool = False                     # holds KV (blocks or a prefill cache)
+    num_prefilled: int = 0                    # tokens of token_ids whose KV is computed (while prefilling)
+    num_registered: int = 0                   # full blocks offered to the prefix cache
+    prev_hash: int | None = None              # hash of the last of them
     cached_tokens: int = 0                    # prompt tokens taken from the prefix cache
+    preemptions: int = 0
+    start_order: int = 0                      # when it last got KV: the newest is preempted first
     # decode
     output_ids: list[int] = field(default_factory=list)
     row: object = None                        # sampling.RowState
@@ -41,18 +48,34 @@ class Sequence:
     finished: bool = False
     first_token_at: float | None = None
 
+    def __post_init__(self):
+        if not self.token_ids:
+            self.token_ids = list(self.request.prompt_ids)
+
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt_ids)
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def append(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.token_ids.append(token)
+
 
 class Scheduler:
-    """FIFO admission with a cap on running rows and on waiting requests."""
+    """FIFO admission: a cap on running rows, and (in the engine's ``begin``) free KV blocks.
 
-    def __init__(self, max_running: int, max_waiting: int, queue_timeout: float | None,
-                 prefill_chunk: int, max_newcomers: int = 1):
+    ``waiting`` holds requests not yet decoding, in order; those being prefilled are at its head
+    (``started``). ``running`` holds the decoding ones in the order they started, so the newest is
+    last: it is the one preempted when the pool runs out of blocks. The cap on waiting requests is
+    applied by ``Engine._submit``, before a request reaches the scheduler.
+    """
+
+    def __init__(self, max_running: int, queue_timeout: float | None, prefill_chunk: int, max_newcomers: int = 1):
         self.max_running = max_running
-        self.max_waiting = max_waiting
         self.queue_timeout = queue_timeout
         self.prefill_chunk = prefill_chunk
         self.max_newcomers = max_newcomers
@@ -66,7 +89,7 @@ class Scheduler:
     def timed_out(self, now: float) -> list[Sequence]:
         if not self.queue_timeout:
             return []
-        out = [s for s in self.waiting if s.prefill_cache is None and now - s.arrival > self.queue_timeout]
+        out = [s for s in self.waiting if not s.started and now - s.arrival > self.queue_timeout]
         for s in out:
             self.waiting.remove(s)
         return out
@@ -84,8 +107,9 @@ class Scheduler:
 
         Each prompt is prefilled into its own cache (no padding), at most ``prefill_chunk`` prompt
         tokens per step in all, so a long prompt delays the running streams by one chunk per step,
-        not by all of it. ``begin(seq)`` is called once for a sequence about to get its first chunk (the engine
-        starts its cache there, from the prefix cache when it can: fewer tokens left to prefill).
+        not by all of it. ``begin(seq)`` is called once for a sequence about to get its first chunk: the
+        engine gives it its KV there (blocks, from the prefix cache when it can: fewer tokens left to
+        prefill) and returns False when the pool has no room for it yet (admission stops there, FIFO).
         While rows are decoding, a step starts ``max_newcomers`` prompts (default 1), or a quarter
         of the prompts that have a free row waiting for them if that is more. One at a time keeps
         each newcomer's step short (its first token comes sooner) and keeps arrivals from falling
@@ -97,12 +121,14 @@ class Scheduler:
         slots = self.max_running - len(self.running)
         ready = min(slots, len(self.waiting))
         newcomers = max(self.max_newcomers, -(-ready // 4)) if self.running else slots
-        for seq in self.waiting:
+        # prompts already holding KV first (one preempted back to the head must not stall them)
+        order = [s for s in self.waiting if s.started] + [s for s in self.waiting if not s.started]
+        for seq in order:
             if slots <= 0 or budget <= 0 or newcomers <= 0:
                 break
-            if seq.prefill_cache is None and begin is not None:
-                begin(seq)
-            remaining = seq.prompt_len - seq.num_prefilled
+            if not seq.started and begin is not None and not begin(seq):
+                break
+            remaining = seq.num_tokens - seq.num_prefilled
             n = min(remaining, budget)
             work.append((seq, n))
             budget -= n
@@ -121,6 +147,15 @@ class Scheduler:
         gone = [s for i, s in enumerate(self.running) if i in drop]
         self.running = [s for i, s in enumerate(self.running) if i not in drop]
         return gone
+
+    def preempt(self, seq: Sequence) -> None:
+        """Back to the head of the queue (its KV was freed): it is prefilled again, prompt and
+        output so far, and then continues where it stopped."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.waiting.appendleft(seq)
 
     @property
     def num_waiting(self) -> int:

@@ -8,8 +8,8 @@ import sys
 
 SERVE_DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, device="auto",
                       dtype="auto", api_key=None, max_model_len=None, max_running=32, max_waiting=256,
-                      queue_timeout=300.0, prefill_chunk=512, max_newcomers=1, prefix_cache_mb=256, packed=True,
-                      log_level="info")
+                      queue_timeout=300.0, prefill_chunk=512, max_newcomers=1, prefix_cache=True, packed=True,
+                      block_size=16, kv_cache_memory_fraction=None, kv_cache_gb=None, log_level="info")
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
@@ -29,10 +29,15 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled per engine step (default 512)")
     p.add_argument("--max-newcomers", type=int,
                    help="prompts started per step while others decode (default 1; more when many wait for free rows)")
-    p.add_argument("--prefix-cache-mb", type=int,
-                   help="memory for prompt KV reused by prompts that start the same way (default 256; 0 = off)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const=False,
+                   help="do not reuse KV blocks between prompts that start the same way")
+    p.add_argument("--kv-cache-memory-fraction", type=float,
+                   help="CUDA: share of the memory free after loading the model that the KV pool takes (default 0.9)")
+    p.add_argument("--kv-cache-gb", type=float, help="the KV pool's size in GiB (default off CUDA: 1)")
+    p.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
     p.add_argument("--no-packed", dest="packed", action="store_const", const=False,
-                   help="prefill each prompt in its own forward instead of inside the decode step's")
+                   help="fallback engine path: prefill each prompt in its own forward, a padded decode cache, "
+                        "no KV pool")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -67,8 +72,10 @@ def build_app(settings: dict):
                                          queue_timeout=settings["queue_timeout"],
                                          prefill_chunk=settings["prefill_chunk"],
                                          max_newcomers=settings["max_newcomers"],
-                                         prefix_cache_mb=settings["prefix_cache_mb"],
-                                         packed=settings["packed"])).start()
+                                         prefix_cache=settings["prefix_cache"], packed=settings["packed"],
+                                         block_size=settings["block_size"],
+                                         kv_cache_memory_fraction=settings["kv_cache_memory_fraction"],
+                                         kv_cache_gb=settings["kv_cache_gb"])).start()
     return create_app(engine, api_key=settings["api_key"]), engine
 
 

@@ -890,3 +890,20 @@ def test_logit_bias_forces_and_bans_tokens(client, tiny_engine):
     assert content_of(swapped) == "b" * 6
     for bad in ({"x": 1}, {"999999": 1}, {"5": 101}):
         assert_error(client.post(CHAT, json={"messages": MSGS, "logit_bias": bad}), 400)
+
+
+def test_a_prompt_the_kv_pool_can_never_hold_is_a_400_and_health_reports_the_pool(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, kv_cache_blocks=5)            # 4 blocks of 16 tokens
+    try:
+        with serve_engine(eng) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
+            long = [{"role": "user", "content": " ".join(["Tell me about Paris."] * 20)}]
+            r = c.post(CHAT, json={"messages": long, "max_tokens": 4})
+            assert r.status_code == 400
+            err = r.json()["error"]
+            assert err["code"] == "context_length_exceeded" and "64 tokens" in err["message"]
+            ok = c.post(CHAT, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+            assert ok.status_code == 200
+            stats = c.get("/health").json()["stats"]
+            assert stats["kv_blocks_total"] == 4 and stats["kv_blocks_used"] == 0 and stats["kv_block_size"] == 16
+    finally:
+        eng.stop()

@@ -16,17 +16,18 @@ def settings(argv):
 
 def test_defaults_turn_packed_steps_and_the_prefix_cache_on():
     s = settings([])
-    assert s["packed"] is True and s["prefix_cache_mb"] == 256 and s["max_newcomers"] == 1
+    assert s["packed"] is True and s["prefix_cache"] is True and s["max_newcomers"] == 1
+    assert s["kv_cache_gb"] is None and s["block_size"] == 16
 
 
 def test_flags_override_the_config_file(tmp_path):
     cfg = tmp_path / "preset.yaml"
-    cfg.write_text("prefix-cache-mb: 64\nmax_running: 8\npacked: true\n")
+    cfg.write_text("kv-cache-gb: 0.5\nmax_running: 8\npacked: true\n")
     s = settings(["--config", str(cfg), "--max-running", "4", "--no-packed"])
-    assert s["prefix_cache_mb"] == 64            # from the file
+    assert s["kv_cache_gb"] == 0.5               # from the file
     assert s["max_running"] == 4                 # the flag wins
     assert s["packed"] is False
-    assert settings(["--prefix-cache-mb", "0"])["prefix_cache_mb"] == 0
+    assert settings(["--no-prefix-cache"])["prefix_cache"] is False
 
 
 def test_unknown_config_keys_are_refused(tmp_path):

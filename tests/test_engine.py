@@ -99,28 +99,46 @@ def test_each_row_behaves_as_alone_in_a_batch(engine):
     assert "a" not in alone[5][0] and "b" not in alone[5][0]
 
 
-def test_a_sliding_window_model_takes_the_unpacked_path(tiny_model_dir, tmp_path):
+def test_a_sliding_window_model_gives_the_tokens_of_generate(tiny_model_dir, tmp_path):
+    """Paged attention applies the window the model passes it: prompt and output longer than it."""
     import json
     import shutil
+
+    import torch
     folder = tmp_path / "windowed"
     shutil.copytree(tiny_model_dir, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(sliding_window=16, use_sliding_window=True)   # packed attention would ignore the window
+    # Qwen2 (the tiny Llama's weights, plus zero q/k/v biases) with one windowed and one full layer
+    cfg.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], sliding_window=8, use_sliding_window=True,
+               max_window_layers=2, layer_types=["sliding_attention", "full_attention"])
     (folder / "config.json").write_text(json.dumps(cfg))
-    eng = make_engine(folder)
+    eng = make_engine(folder, prefill_chunk=7)
     try:
-        assert eng.packed is False
-        events = asyncio.run(collect(eng, prompt_ids(eng, "Hello there"), SamplingParams(temperature=0, max_tokens=5)))
-        assert events[-1].finish_reason in ("stop", "length") and events[-1].completion_tokens >= 1
+        assert eng.packed is True
+        ids = prompt_ids(eng, "The quick brown fox jumps over")
+        params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+        async def two():   # a decoding row beside the chunked prompt
+            return await asyncio.gather(collect(eng, prompt_ids(eng, "Hello there"), params, "other"),
+                                        collect(eng, ids, params, "target"))
+
+        got = result(asyncio.run(two())[1])[1]
+        assert len(ids) > 8
+        with torch.inference_mode():
+            eng.model.set_attn_implementation("sdpa")
+            ref = eng.model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert got == ref[0, len(ids):].tolist()
     finally:
         eng.stop()
 
 
 def test_prefix_cache_reuses_shared_prompt_starts(tiny_model_dir, engine):
+    if not engine.packed:
+        pytest.skip("the fallback path keeps no prefix cache")
     system = {"role": "system", "content": " ".join(PROMPTS)}
     prompts = [engine.render_prompt([system, {"role": "user", "content": q}]) for q in PROMPTS[:4]]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    cold = make_engine(tiny_model_dir, prefix_cache_mb=0, packed=engine.packed)
+    cold = make_engine(tiny_model_dir, prefix_cache=False, packed=engine.packed)
     try:
         expected = [result(asyncio.run(collect(cold, ids, params))) for ids in prompts]
         assert cold.stats["prefill_tokens"] == sum(len(ids) for ids in prompts)
@@ -137,33 +155,6 @@ def test_prefix_cache_reuses_shared_prompt_starts(tiny_model_dir, engine):
     again = asyncio.run(collect(engine, prompts[0], params))
     assert result(again) == expected[0]
     assert again[-1].cached_tokens == ((len(prompts[0]) - 1) // 16) * 16
-
-
-def test_prefix_cache_stays_within_its_block_budget():
-    import torch
-    from transformers import DynamicCache
-    from engine.prefix_cache import PrefixCache
-
-    def kv(ids):
-        c = DynamicCache()
-        t = torch.tensor(ids, dtype=torch.float32).view(1, 1, -1, 1)
-        c.update(t, -t, 0)
-        return c
-
-    pc = PrefixCache(max_blocks=6, block=4)
-    shared = [1, 2, 3, 4, 5, 6, 7, 8]
-    for i in range(10):                               # 10 prompts: shared 2 blocks + 2 own blocks each
-        ids = shared + [100 + i] * 8 + [0]
-        pc.insert(ids, kv(ids))
-        assert pc.blocks <= 6
-    newest = shared + [109] * 8 + [5]
-    cache, past = pc.start(newest, None)
-    assert past == 16                                  # the most recent prompt's blocks survived
-    assert cache.layers[0].keys.flatten().tolist() == newest[:16]
-    assert cache.layers[0].values.flatten().tolist() == [-x for x in newest[:16]]
-    cache, past = pc.start(shared + [100] * 8, None)   # the oldest own blocks were evicted
-    assert past == 8
-    assert pc.start(shared, None)[1] == 4              # at least one token is always left to prefill
 
 
 def test_chunked_prefill_gives_the_same_tokens(tiny_model_dir, engine):
@@ -289,3 +280,27 @@ def test_stop_holdback_releases_text_that_cannot_start_a_stop():
     assert m.feed("hello S") == ("hello ", False)     # "S" might begin "STOP": held
     assert m.feed("T") == ("", False)
     assert m.feed("x") == ("STx", False)               # it did not: released
+
+
+def test_a_full_pool_preempts_and_every_request_finishes_with_its_own_tokens(tiny_model_dir):
+    """12 blocks of 16 tokens for 8 requests of ~70 tokens each: the newest are preempted (blocks
+    freed, recomputed later) instead of failing, and each gets the tokens it gets alone."""
+    roomy = make_engine(tiny_model_dir)
+    small = make_engine(tiny_model_dir, kv_cache_blocks=13, max_running=8)
+    try:
+        assert small.max_model_len == 12 * 16                 # the pool caps the context
+        cases = [(prompt_ids(roomy, PROMPTS[i]), SamplingParams(temperature=0 if i % 2 else 0.8, seed=i,
+                                                                max_tokens=48, ignore_eos=True))
+                 for i in range(8)]
+        alone = [result(asyncio.run(collect(roomy, ids, p))) for ids, p in cases]
+
+        async def together():
+            return await asyncio.gather(*[collect(small, ids, p, str(i)) for i, (ids, p) in enumerate(cases)])
+
+        got = [result(r) for r in asyncio.run(together())]
+        assert got == alone
+        assert small.stats["preemptions"] > 0
+        assert small.stats["kv_blocks_used"] == 0             # every block came back
+    finally:
+        roomy.stop()
+        small.stop()

@@ -1,0 +1,249 @@
+"""One forward per engine step over the KV pool: every decoding row's next token and newcomers'
+prompt chunks, packed into a single sequence.
+
+The model runs on ``[1, N]`` tokens: first one token for each decoding row, then the prompt chunks
+of the sequences being prefilled. Everything that works per token (embeddings, RoPE from per-token
+position ids, linear layers, norms) runs on all N at once, so a newcomer's prefill shares the
+decode step's matrix multiplications. Only attention cares which sequence a token belongs to:
+
+* ``PagedStep`` is passed to the model as its cache. Its ``update()`` scatters the step's new keys
+  and values into the pool (engine/kv_cache.py) at the step's slot mapping: one ``index_copy_`` per
+  layer, never a copy of the cache.
+* ``paged_attention`` is registered with transformers' ``AttentionInterface``. Decode rows attend
+  together (one SDPA call, keys and values gathered through each row's block table, padding
+  masked); each prompt chunk attends causally over its own sequence (the chunk's fresh keys when it
+  starts the sequence, else everything gathered from the pool). Sliding-window layers (the model
+  passes ``sliding_window`` to its attention function) get the window in their masks.
+
+A 4-D placeholder attention mask makes transformers skip building masks of its own. ``install()``
+switches a model to this attention only if a self-test (two sequences over two packed steps,
+against plain forwards) gives the same logits; otherwise the engine keeps its fallback path.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .kv_cache import KVPool
+
+log = logging.getLogger("chatserve.engine")
+
+NAME = "chatserve_paged"
+_placeholder_masks: dict[str, torch.Tensor] = {}
+
+
+def slots(table: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
+    """Pool slots of token positions [start, end) of a sequence whose block table is ``table``."""
+    pos = torch.arange(start, end, device=table.device)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+@dataclass
+class Segment:
+    """A prompt chunk in the step: ``n`` tokens after ``past`` already in the pool."""
+    offset: int                     # where the chunk starts in the packed sequence
+    past: int
+    n: int
+    context: torch.Tensor | None    # slots of positions [0, past + n) when past > 0
+
+
+class _LayerRef:
+    """What PagedStep.update returns in place of key/value tensors: the step and the layer index."""
+    __slots__ = ("step", "layer")
+
+    def __init__(self, step: "PagedStep", layer: int):
+        self.step, self.layer = step, layer
+
+
+class PagedStep:
+    """The layout of one packed forward, passed to the model as its cache."""
+    is_compileable = False
+
+    def __init__(self, pool: KVPool, slot_mapping: torch.Tensor, rows: int, row_slots: torch.Tensor | None,
+                 row_lengths: torch.Tensor | None, segments: list[Segment]):
+        self.pool = pool
+        self.slot_mapping = slot_mapping   # [N]: where each token's keys/values go
+        self.rows = rows
+        self.row_slots = row_slots         # [rows, T]: every row's context, padded with null slots
+        self.row_lengths = row_lengths     # [rows]
+        self.min_len = self.max_len = 0    # shortest / longest row context (Python ints: no device sync)
+        self.segments = segments
+        self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._masks: dict = {}
+
+    @classmethod
+    def build(cls, pool: KVPool, rows: list[tuple[list[int], int]], chunks: list[tuple[list[int], int, int]],
+              device) -> "PagedStep":
+        """rows: (block table, context length incl. this step's token); chunks: (block table, past, n)."""
+        bs = pool.block_size
+        mapping: list[int] = []
+        row_slots = row_lengths = None
+        if rows:
+            for table, length in rows:
+                p = length - 1
+                mapping.append(table[p // bs] * bs + p % bs)
+            width = max(len(t) for t, _ in rows)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t, _ in rows], dtype=torch.long, device=device)
+            lengths = [n for _, n in rows]
+            row_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+            pos = torch.arange(max(lengths), device=device)
+            row_slots = tables[:, pos // bs] * bs + pos % bs
+            if min(lengths) != max(lengths):
+                row_slots = row_slots.masked_fill(pos[None, :] >= row_lengths[:, None], 0)   # null slots
+        segments = []
+        offset = len(rows)
+        parts = [torch.tensor(mapping, dtype=torch.long, device=device)] if rows else []
+        for table, past, n in chunks:
+            t = torch.tensor(table, dtype=torch.long, device=device)
+            context = slots(t, 0, past + n, bs) if past else None
+            parts.append(context[past:] if past else slots(t, 0, n, bs))
+            segments.append(Segment(offset, past, n, context))
+            offset += n
+        mapping_t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        step = cls(pool, mapping_t, len(rows), row_slots, row_lengths, segments)
+        if rows:
+            step.min_len, step.max_len = min(lengths), max(lengths)
+        return step
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        # [1, H, N, D] -> [N, H, D] into the pool
+        self.pool.write(layer_idx, self.slot_mapping, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        self._fresh = (key_states, value_states)
+        ref = _LayerRef(self, layer_idx)
+        return ref, ref
+
+    # masks (True = attend), made once per step and window, shared by every layer
+    def row_mask(self, window: int | None) -> torch.Tensor | None:
+        key = ("rows", window)
+        if key not in self._masks:
+            lengths = self.row_lengths
+            pos = torch.arange(self.max_len, device=lengths.device)[None, :]
+            mask = None
+            if self.min_len != self.max_len:
+                mask = pos < lengths[:, None]
+            if window is not None and self.max_len > window:
+                inside = pos > (lengths[:, None] - 1 - window)
+                mask = inside if mask is None else mask & inside
+            self._masks[key] = None if mask is None else mask[:, None, None, :]
+        return self._masks[key]
+
+    def segment_mask(self, seg: Segment, window: int | None, device) -> torch.Tensor | None:
+        if seg.past == 0 and (window is None or seg.n <= window):
+            return None   # plain causal over the chunk's own keys
+        key = (seg.past, seg.n, window)
+        if key not in self._masks:
+            q = torch.arange(seg.past, seg.past + seg.n, device=device)[:, None]
+            k = torch.arange(seg.past + seg.n, device=device)[None, :]
+            mask = k <= q
+            if window is not None:
+                mask &= k > q - window
+            self._masks[key] = mask[None, None]
+        return self._masks[key]
+
+    # transformers asks a few things of the object passed as the cache
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def paged_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    if not isinstance(key, _LayerRef):   # not a paged step (e.g. a plain forward): transformers' SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise ValueError("paged attention does not implement logit soft-capping")
+    step, li = key.step, key.layer
+    window = kwargs.get("sliding_window")
+    parts = []
+    rows = step.rows
+    if rows:
+        k, v = step.pool.gather(li, step.row_slots)                     # [rows, T, H, D]
+        q = query[0, :, :rows].transpose(0, 1).unsqueeze(2)             # [rows, Hq, 1, D]
+        out, _ = sdpa_attention_forward(module, q, k.transpose(1, 2), v.transpose(1, 2), step.row_mask(window),
+                                        scaling=scaling, is_causal=False)
+        parts.append(out.reshape(rows, *out.shape[2:]))                 # [rows, Hq, D]
+    fresh_k, fresh_v = step._fresh
+    for seg in step.segments:
+        q = query[:, :, seg.offset:seg.offset + seg.n]
+        if seg.context is None:
+            k = fresh_k[:, :, seg.offset:seg.offset + seg.n]
+            v = fresh_v[:, :, seg.offset:seg.offset + seg.n]
+        else:
+            k, v = step.pool.gather(li, seg.context)                    # [past + n, H, D]
+            k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        mask = step.segment_mask(seg, window, query.device)
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=mask is None)
+        parts.append(out[0])                                            # [n, Hq, D]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return out.unsqueeze(0), None                                       # [1, N, Hq, D]
+
+
+AttentionInterface.register(NAME, paged_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def forward(model, cache_kw: str, tokens: list[int], positions: list[int], step: PagedStep,
+            keep: list[int], device) -> torch.Tensor:
+    """Run one packed step; returns float logits at the packed indices ``keep`` ([len(keep), V])."""
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    pos = torch.tensor([positions], dtype=torch.long, device=device)
+    mask = _placeholder_masks.get(str(device))
+    if mask is None:   # made once per device, not copied to it every step
+        mask = _placeholder_masks[str(device)] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
+                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device), **{cache_kw: step})
+    return out.logits[0].float()
+
+
+def install(model, cache_kw: str, device) -> bool:
+    """Switch the model's attention to paged_attention if it gives the same logits; False if not."""
+    original = model.config._attn_implementation
+    if original not in ("sdpa", NAME):
+        log.info("paged steps off: the model uses %s attention, not sdpa", original)
+        return False
+    cfg = model.config
+    layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if not layer_types <= {"full_attention", "sliding_attention"}:
+        log.info("paged steps off: the model has non-attention layers (%s)", sorted(layer_types))
+        return False
+    try:
+        model.set_attn_implementation(NAME)
+        ok, err = _self_test(model, cache_kw, device)
+    except Exception as exc:   # an architecture that does not fit: keep the fallback path
+        ok, err = False, f"{type(exc).__name__}: {exc}"
+    if not ok:
+        log.warning("paged steps off for this model (self-test: %s); using the fallback path", err)
+        model.set_attn_implementation(original)
+    return ok
+
+
+def _self_test(model, cache_kw: str, device) -> tuple[bool, str]:
+    """Two sequences through two packed steps (a fresh prompt, a chunk continuation across a block
+    boundary, a decode row beside it) against plain forwards of the same tokens."""
+    from .kv_cache import PoolShape
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    a = [(7 * i + 3) % vocab for i in range(7)]
+    b = [(11 * i + 5) % vocab for i in range(5)]
+    pool = KVPool(PoolShape.of(model), num_blocks=6, block_size=4, device=device)
+    ta, tb = [1, 2], [3, 4]
+    with torch.inference_mode():
+        def plain(ids):
+            return model(input_ids=torch.tensor([ids], device=device), logits_to_keep=1).logits[0, -1].float()
+
+        # step 1: prompt a[:6] whole, prompt b in a first chunk of 2 tokens
+        step = PagedStep.build(pool, [], [(ta, 0, 6), (tb, 0, 2)], device)
+        first = forward(model, cache_kw, a[:6] + b[:2], list(range(6)) + [0, 1], step, [5], device)
+        # step 2: a decodes a[6] (a row of 7 tokens), b's second chunk b[2:5] (past 2)
+        step = PagedStep.build(pool, [(ta, 7)], [(tb, 2, 3)], device)
+        second = forward(model, cache_kw, [a[6]] + b[2:5], [6, 2, 3, 4], step, [0, 3], device)
+        refs = [plain(a[:6]), plain(a), plain(b)]
+        got = [first[0], second[0], second[1]]
+    worst = max(float((x - r).abs().max() / (r.abs().max() + 1e-6)) for x, r in zip(got, refs))
+    # A layout mistake is off by O(1); rounding is ~1e-6 in float32 and ~1e-2 in 16-bit floats.
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return worst < tolerance, f"max relative logit difference {worst:.2e} (tolerance {tolerance:.0e})"
