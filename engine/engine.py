@@ -57,6 +57,11 @@ class EngineConfig:
     kv_cache_memory_fraction: float | None = None   # CUDA: share of free memory for the pool (default 0.9)
     kv_cache_gb: float | None = None                # the pool's size in GiB (default off CUDA: 1)
     kv_cache_blocks: int | None = None              # the pool's size in blocks (tests)
+    prefix_cache_mb: int | None = None              # older spelling kept for scripts: 0 = prefix_cache off
+
+    def __post_init__(self):
+        if self.prefix_cache_mb == 0:
+            self.prefix_cache = False
 
 
 class Engine:
@@ -194,6 +199,10 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._thread is None or not self._thread.is_alive():
+            self.pool = None   # give the pool's memory back (another engine may be built next)
+            if str(self.device).startswith("cuda"):
+                torch.cuda.empty_cache()
 
     @property
     def alive(self) -> bool:

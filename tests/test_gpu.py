@@ -1,8 +1,8 @@
 """The engine and server on a CUDA device (skipped without one; CI has none).
 
-Tiny random-weight models, so they run anywhere CUDA does: the packed step's self-test on CUDA
-in float32 and bfloat16, batch invariance, equality with model.generate, the prefix cache, and
-one HTTP round trip with the engine on the GPU.
+Tiny random-weight models, so they run anywhere CUDA does: the paged step's self-test on CUDA
+in float32 and bfloat16, batch invariance, equality with model.generate, the prefix cache,
+preemption when the KV pool is full, and one HTTP round trip with the engine on the GPU.
 """
 from __future__ import annotations
 
@@ -95,3 +95,19 @@ def test_http_round_trip_with_the_engine_on_cuda(engine):
                              "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] == 6
+
+
+def test_a_full_pool_preempts_and_recovers_on_cuda(tiny_model_dir, engine):
+    small = cuda_engine(tiny_model_dir, kv_cache_blocks=13, max_running=8)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+        prompts = [engine.render_prompt([{"role": "user", "content": f"Numbers {i} " * (1 + i)}]) for i in range(8)]
+        alone = [tokens(asyncio.run(collect(engine, ids, params))) for ids in prompts]
+
+        async def together():
+            return await asyncio.gather(*[collect(small, ids, params, str(i)) for i, ids in enumerate(prompts)])
+
+        assert [tokens(r) for r in asyncio.run(together())] == alone
+        assert small.stats["preemptions"] > 0 and small.stats["kv_blocks_used"] == 0
+    finally:
+        small.stop()
