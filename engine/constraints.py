@@ -104,6 +104,9 @@ _UNICODE_TO_BYTE = byte_decoder()   # GPT-2 byte-level BPE: printable char -> by
 # "complete" means "the sentinel could be consumed here".
 _END = "\U0010FFFD"
 SENTINEL_ID = 2**31 - 3
+# What constrained output cannot contain: END itself, and every other code point whose UTF-8
+# starts with 0xF4 (no real token may hold that byte, see TokenVocab.outlines_vocabulary).
+_UNREPRESENTABLE = re.compile("[\U00100000-\U0010FFFF]")
 _SPIECE = "\u2581"
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -617,6 +620,34 @@ def _check_schema(schema, what: str) -> None:
         raise ConstraintError(f"{what} is not a valid JSON schema: {e}") from None
 
 
+def _check_representable(obj, what: str) -> None:
+    """ConstraintError if a schema or tool definition holds a character in U+100000..U+10FFFF.
+
+    Constrained output cannot spell those (END is one of them, and the tokens that could spell
+    the others are left out of the vocabulary so that nothing but the sentinel spells END). A
+    schema that requires one (a const, an enum value, a property name) would compile, then leave
+    the model no allowed token but an EOS the constraint rejects, which fails the running batch;
+    it is refused up front instead. The whole definition is checked, descriptions included: one
+    rule for the client to read rather than a list of keywords that feed the regex.
+    """
+    todo = [(obj, "")]          # iterative: a deeply nested schema must not hit the recursion limit
+    while todo:
+        node, path = todo.pop()
+        if isinstance(node, str):
+            m = _UNREPRESENTABLE.search(node)
+            if m:
+                raise ConstraintError(
+                    f"{what} contains the character U+{ord(m.group()):06X} at {path or '/'}; constrained "
+                    "decoding cannot produce characters in U+100000..U+10FFFF (supplementary private "
+                    "use area B)")
+        elif isinstance(node, dict):
+            for k, v in reversed(node.items()):
+                todo.append((v, f"{path}/{k}"))
+                todo.append((k, f"{path}/{k}"))
+        elif isinstance(node, (list, tuple)):
+            todo.extend((v, f"{path}/{i}") for i, v in reversed(list(enumerate(node))))
+
+
 _EMPTY_PARAMS = {"type": "object", "properties": {}}
 
 # Keywords outlines_core's regex builder accepts but does not enforce: the output could then break
@@ -879,6 +910,7 @@ class ConstraintCompiler:
         if kind == "json_schema":
             schema = spec.schema
             _check_schema(schema, "response_format json_schema")
+            _check_representable(schema, "response_format json_schema")
 
             def build():
                 rx = self._schema_regex(schema, "JSON schema")
@@ -909,6 +941,7 @@ class ConstraintCompiler:
             if p is None or p == {}:
                 p = _EMPTY_PARAMS
             _check_schema(p, f"parameters of tool {name!r}")
+            _check_representable(t, f"tools[{i}] ({name!r})")
             names.append(name)
             params[name] = p
         choice = spec.tool_choice if spec.tool_choice is not None else "auto"

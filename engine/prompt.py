@@ -14,6 +14,88 @@ class PromptError(ValueError):
         self.param = param
 
 
+class PromptTooLong(PromptError):
+    """The rendered prompt has more characters than context_length tokens can cover (HTTP 400,
+    context_length_exceeded), found without tokenizing it."""
+
+
+# Unicode composition (NFC / NFKC) turns at most 4 characters into one (a character's canonical
+# decomposition is at most 4 long; Hangul L+V+T is 3), so a token can stand for 4x its own length.
+_COMPOSE_FACTOR = 4
+_NORMALIZERS = {"Prepend": 1, "Lowercase": 1, "ByteLevel": 1, "NFD": 1, "NFKD": 1,
+                "NFC": _COMPOSE_FACTOR, "NFKC": _COMPOSE_FACTOR}
+_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split"}
+
+
+def _normalizer_factor(spec: dict | None) -> int | None:
+    """How many input characters a normalized character can come from; None when unbounded or
+    unknown (Strip, BertNormalizer, Precompiled and Nmt drop or collapse characters)."""
+    if spec is None:
+        return 1
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for sub in spec.get("normalizers") or []:
+            f = _normalizer_factor(sub)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    if kind == "Replace":
+        pattern, content = (spec.get("pattern") or {}).get("String"), spec.get("content") or ""
+        if not isinstance(pattern, str) or not content:     # a regex, or a deletion
+            return None
+        return -(-len(pattern) // len(content))
+    return _NORMALIZERS.get(kind)
+
+
+def _pre_tokenizer_keeps_text(spec: dict | None) -> bool:
+    """False for pre-tokenizers that drop characters (Whitespace, Bert, a Split that removes)."""
+    if spec is None:
+        return True
+    if spec.get("type") == "Sequence":
+        return all(_pre_tokenizer_keeps_text(sub) for sub in spec.get("pretokenizers") or [])
+    return spec.get("type") in _PRE_TOKENIZERS and spec.get("behavior") != "Removed"
+
+
+def chars_per_token_bound(tokenizer) -> int | None:
+    """At most how many characters of text one token can stand for, or None if this tokenizer
+    cannot promise a bound.
+
+    A prompt with more characters than context_length times this bound cannot fit, so it can be
+    refused without tokenizing it (tokenizing megabytes takes seconds). A token's vocabulary
+    string is at least as long as the text it covers: byte-level BPE spells each byte as one
+    character ('Ġ' is the space byte, and a character is at least one byte), sentencepiece spells
+    a space as '▁' and a byte as '<0x0A>'. What can make one token cover more is refused here:
+    normalizers that delete or collapse characters, pre-tokenizers that drop whitespace, unknown
+    tokens that swallow a run of characters (WordPiece, Unigram, BPE's fused unk), added
+    tokens that strip the whitespace around them, and slow tokenizers we cannot inspect.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:      # the components' own JSON: the whole tokenizer's would serialise the vocabulary too
+        norm, pre = backend.normalizer, backend.pre_tokenizer
+        normalizer = json.loads(norm.__getstate__()) if norm is not None else None
+        pre_tokenizer = json.loads(pre.__getstate__()) if pre is not None else None
+    except Exception:
+        return None
+    factor = _normalizer_factor(normalizer)
+    if factor is None or not _pre_tokenizer_keeps_text(pre_tokenizer):
+        return None
+    model = backend.model
+    if type(model).__name__ != "BPE":    # WordPiece: a whole unknown word is one [UNK]; Unigram
+        return None                      # fuses unknown characters into one <unk>
+    fused_unk = getattr(model, "fuse_unk", True) and not getattr(model, "byte_fallback", False)
+    if model.unk_token is not None and fused_unk:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    if any(getattr(t, "lstrip", False) or getattr(t, "rstrip", False) for t in added.values()):
+        return None
+    pieces = list(tokenizer.get_vocab()) + [t.content for t in added.values()]
+    return factor * max((len(p) for p in pieces), default=1)
+
+
 def _text_of(content) -> str:
     if content is None:
         return ""
@@ -44,6 +126,14 @@ class PromptRenderer:
         self.template = getattr(tokenizer, "chat_template", None)
         self.family = detect_family(tokenizer)
         self.template_tools = template_supports_tools(tokenizer)
+        self.max_chars_per_token = chars_per_token_bound(tokenizer)
+
+    def max_prompt_chars(self, context_length: int) -> int | None:
+        """The longest rendered prompt (in characters) that could still fit in fewer than
+        context_length tokens; None when the tokenizer gives no bound."""
+        if self.max_chars_per_token is None:
+            return None
+        return (context_length - 1) * self.max_chars_per_token
 
     @property
     def has_template(self) -> bool:
@@ -114,9 +204,19 @@ class PromptRenderer:
             raise PromptError(f"the model's chat template rejected the messages: {exc}") from exc
 
     def render(self, messages: list[dict], *, tools: list[dict] | None = None, tool_prompt: str | None = None,
-               add_generation_prompt: bool = True) -> list[int]:
+               add_generation_prompt: bool = True, context_length: int | None = None) -> list[int]:
+        """Prompt token ids. With context_length, a prompt too long to fit in it is refused
+        (PromptTooLong) before tokenizing: rendering megabytes takes milliseconds, tokenizing
+        them seconds. The rendered text is measured, not the messages, so the template's own text
+        counts and text a template leaves out (e.g. earlier reasoning) does not."""
         text = self.render_text(messages, tools=tools, tool_prompt=tool_prompt,
                                 add_generation_prompt=add_generation_prompt)
+        limit = self.max_prompt_chars(context_length) if context_length is not None else None
+        if limit is not None and len(text) > limit:
+            raise PromptTooLong(
+                f"the prompt is {len(text)} characters, but this model's context length is {context_length} "
+                f"tokens and none of its tokens covers more than {self.max_chars_per_token} characters, "
+                f"so at most {limit} characters can fit")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:   # e.g. a lone surrogate from a "\\ud800" JSON escape

@@ -8,11 +8,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# Temperatures below this sample as greedy: logits / T overflows float32 long before T reaches 0
+# (1e-38 turns every finite logit into +-inf and the softmax into NaN), and a distribution that
+# sharp is argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int | None = None          # None: whatever fits in the context
-    temperature: float = 1.0               # 0 -> greedy
+    temperature: float = 1.0               # below GREEDY_TEMPERATURE (0 included) -> greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -26,7 +31,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Decided here, once, so a near-zero temperature never reaches the division in sampling
+        and such a row needs no random generator."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def replace(self, **kw) -> "SamplingParams":
         return dataclasses.replace(self, **kw)

@@ -3,6 +3,11 @@
 Each row has its own SamplingParams. The common cases stay batched (greedy argmax, log-softmax,
 top-k for logprobs); only rows that need it get per-row work (penalties, constraints, top_p,
 seeded multinomial draws with the request's own torch.Generator).
+
+Numerically safe sampling: every temperature and top_p that validation accepts gives a valid
+distribution, because one row's NaN makes torch.multinomial raise and fails the whole batch.
+Near-zero temperatures are greedy (SamplingParams.greedy), the top token always survives top_p,
+and the maths runs in float32 whatever dtype the model's logits come in.
 """
 from __future__ import annotations
 
@@ -66,13 +71,17 @@ class RowState:
 
 
 def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
+    """One seeded draw from a float32 row; p.temperature is at least GREEDY_TEMPERATURE here."""
     logits = row / p.temperature
     if p.top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         cum = torch.cumsum(probs, dim=-1)
-        # drop tokens whose preceding mass already reaches top_p (always keep the first)
+        # drop tokens whose preceding mass already reaches top_p. The first token's preceding mass
+        # is 0, and a top_p below float32's smallest subnormal (1e-46, 5e-324) rounds to 0 in the
+        # comparison, so the first token is kept explicitly: an all -inf row would softmax to NaN.
         drop = (cum - probs) >= p.top_p
+        drop[0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
         choice = torch.multinomial(probs, 1, generator=generator)
@@ -82,11 +91,13 @@ def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator
 
 
 def sample_batch(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], torch.Tensor | None]:
-    """Pick one token per row. logits: [B, V] float32 (modified in place).
+    """Pick one token per row. logits: [B, V], float32 (modified in place) or a half type (copied
+    to float32 first: penalties, masks and softmax in float16 overflow or lose the top token).
 
     Returns the token ids and, when some row asked for logprobs, the log-softmax of the model's
     raw logits (before penalties, temperature and masks, as OpenAI and vLLM report them).
     """
+    logits = logits.float()
     want_lp = any(r.params.logprobs for r in rows)
     raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
     for i, r in enumerate(rows):

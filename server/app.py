@@ -178,7 +178,8 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         if not engine.alive:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
         v = validate(wire, vocab_size=engine.vocab_size)
-        render_and_fit(v, engine)
+        # off the event loop: tokenizing a long prompt would stall every other request meanwhile
+        await asyncio.to_thread(render_and_fit, v, engine)
         constraint = await _compile(v.constraint) if v.constraint is not None else None
         req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params,
                                 constraint=constraint)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import jsonschema
 from pydantic import ValidationError
 
-from engine.prompt import PromptError
+from engine.prompt import PromptError, PromptTooLong
 from engine.request import ConstraintSpec, SamplingParams
 
 from .errors import APIError, bad_request
@@ -22,6 +22,7 @@ from .protocol import ChatCompletionRequest
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 5
+TOKEN_ID = re.compile(r"[0-9]+")    # ASCII digits only: str.isdigit() also takes "²" and "٣"
 
 
 @dataclass
@@ -107,6 +108,18 @@ def _check_messages(req: ChatCompletionRequest, accepts_images: bool) -> list[di
     return out
 
 
+def _token_id(key: str) -> int | None:
+    """A logit_bias key as a token id: ASCII decimal digits only (no sign, no spaces), else None.
+
+    The one parser for these keys: int() also accepts " 5", "+5" and "٣" and rejects "²", which
+    str.isdigit() accepts. A number of more than 18 digits is no token id (and int() raises past
+    4300 digits), so it is refused before int() sees it."""
+    if not TOKEN_ID.fullmatch(key):
+        return None
+    digits = key.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else None
+
+
 def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: bool = False) -> ValidatedRequest:
     messages = _check_messages(req, accepts_images)
 
@@ -145,11 +158,12 @@ def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: boo
     constraint, tools = _structured_output(req)
     logit_bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+        token_id = _token_id(key)
+        if token_id is None or not token_id < vocab_size:
             raise bad_request(f"logit_bias keys must be token ids between 0 and {vocab_size - 1}; got {key!r}",
                               param="logit_bias", code="invalid_value")
         _range(f"logit_bias[{key}]", value, -100.0, 100.0)
-        logit_bias[int(key)] = float(value)
+        logit_bias[token_id] = float(value)
 
     temperature = 1.0 if req.temperature is None else req.temperature
     seed = None if req.seed is None else req.seed % (2 ** 63)
@@ -266,13 +280,20 @@ def _structured_output(req: ChatCompletionRequest) -> tuple[ConstraintSpec | Non
 
 
 def render_and_fit(v: ValidatedRequest, engine) -> None:
-    """Render the prompt and check it (plus max_tokens) fits in the context window."""
+    """Render the prompt and check it (plus max_tokens) fits in the context window.
+
+    Blocking (tokenizing a long prompt takes a while): call it off the event loop. The renderer
+    refuses, before tokenizing, a prompt with more characters than the context can hold.
+    """
+    ctx = engine.max_model_len
     try:
-        v.prompt_ids = engine.render_prompt(v.messages, tools=v.tools, tool_prompt=v.wire.tool_prompt)
+        v.prompt_ids = engine.render_prompt(v.messages, tools=v.tools, tool_prompt=v.wire.tool_prompt,
+                                            context_length=ctx)
+    except PromptTooLong as exc:
+        raise bad_request(str(exc), param=exc.param, code="context_length_exceeded") from None
     except PromptError as exc:
         raise bad_request(str(exc), param=exc.param, code="invalid_prompt") from None
     n = len(v.prompt_ids)
-    ctx = engine.max_model_len
     mt = v.params.max_tokens
     if n >= ctx:
         raise bad_request(f"the prompt is {n} tokens, but this model's context length is {ctx} tokens",
