@@ -391,9 +391,15 @@ class Engine:
 
     def _sample_and_postprocess(self, logits: torch.Tensor, seqs: list[Sequence], out) -> None:
         t0 = time.perf_counter()
-        sampled, raw_lp = sample_batch(logits, [s.row for s in seqs])
+        errors: dict[int, Exception] = {}
+        sampled, raw_lp = sample_batch(logits, [s.row for s in seqs], errors)
         t1 = time.perf_counter()
         for i, (seq, tok) in enumerate(zip(seqs, sampled)):
+            if i in errors:   # this row's logits processing failed (e.g. its constraint): it alone fails
+                exc = errors[i]
+                log.error("%s failed in sampling: %s: %s", seq.request.request_id, type(exc).__name__, exc)
+                self._finish(seq, "error", out, error=f"internal error: {type(exc).__name__}: {exc}")
+                continue
             try:
                 self._postprocess(seq, tok, raw_lp, i, out)
             except Exception as exc:   # this request's bug (detokenizer, stop matcher, constraint): it alone fails

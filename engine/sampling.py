@@ -1,8 +1,7 @@
-"""Per-row logits processing and sampling for a decode batch.
+"""Per-row logits processing and batched sampling for a decode batch.
 
-Each row has its own SamplingParams. The common cases stay batched (greedy argmax, log-softmax,
-top-k for logprobs); only rows that need it get per-row work (penalties, constraints, top_p,
-seeded multinomial draws with the request's own torch.Generator).
+Each row has its own SamplingParams; sampling is batched tensor work (see sample_batch), and only
+rows that need it get per-row logits processing (bias, penalties, constraints).
 
 Numerically safe sampling: every temperature and top_p that validation accepts gives a valid
 distribution, because one row's NaN makes torch.multinomial raise and fails the whole batch.
@@ -70,44 +69,64 @@ class RowState:
             self.constraint.advance(token_id)
 
 
-def _sample_row(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    """One seeded draw from a float32 row; p.temperature is at least GREEDY_TEMPERATURE here."""
-    logits = row / p.temperature
-    if p.top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        cum = torch.cumsum(probs, dim=-1)
-        # drop tokens whose preceding mass already reaches top_p. The first token's preceding mass
-        # is 0, and a top_p below float32's smallest subnormal (1e-46, 5e-324) rounds to 0 in the
-        # comparison, so the first token is kept explicitly: an all -inf row would softmax to NaN.
-        drop = (cum - probs) >= p.top_p
-        drop[0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(sorted_logits, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=generator)
-        return int(idx[choice])
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def sample_batch(logits: torch.Tensor, rows: list[RowState]) -> tuple[list[int], torch.Tensor | None]:
+def sample_batch(logits: torch.Tensor, rows: list[RowState],
+                 errors: dict[int, Exception] | None = None) -> tuple[list[int | None], torch.Tensor | None]:
     """Pick one token per row. logits: [B, V], float32 (modified in place) or a half type (copied
     to float32 first: penalties, masks and softmax in float16 overflow or lose the top token).
 
     Returns the token ids and, when some row asked for logprobs, the log-softmax of the model's
     raw logits (before penalties, temperature and masks, as OpenAI and vLLM report them).
+
+    Batched: greedy rows take one argmax over the batch; sampling rows share one temperature
+    division, top_p cut and softmax, and draw by the exponential race (argmax of p / E with E ~
+    Exp(1): a sample from p), each row's noise drawn from its own generator, in vocabulary order,
+    so a seeded row draws the same tokens alone or beside any other rows. Only the per-row logits
+    processors (bias, penalties, EOS masking, constraint masks) loop over the rows that have them.
+
+    With ``errors`` given, a row whose processing raises is recorded there (its token is None)
+    and the other rows are sampled as if it were not there; without it, the exception propagates.
     """
     logits = logits.float()
     want_lp = any(r.params.logprobs for r in rows)
     raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
+    failed: dict[int, Exception] = errors if errors is not None else {}
     for i, r in enumerate(rows):
         if r.needs_row_processing:
-            r.process(logits[i])
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for i, r in enumerate(rows):
-        tokens.append(greedy[i] if r.generator is None else _sample_row(logits[i], r.params, r.generator))
-    return tokens, raw_lp
+            try:
+                r.process(logits[i])
+            except Exception as exc:
+                if errors is None:
+                    raise
+                failed[i] = exc
+                logits[i] = 0.0   # keeps the batched maths below finite
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if r.generator is not None and i not in failed]
+    if sampled:
+        dev = logits.device
+        idx = torch.tensor(sampled, dtype=torch.long, device=dev)
+        temps = torch.tensor([rows[i].params.temperature for i in sampled], dtype=torch.float32, device=dev)
+        x = logits.index_select(0, idx) / temps[:, None]
+        top_ps = [rows[i].params.top_p for i in sampled]
+        if min(top_ps) < 1.0:
+            # keep the smallest set of tokens whose mass reaches top_p: drop a token once the mass
+            # before it does. The top token is always kept: a top_p below float32's smallest
+            # subnormal (1e-46, 5e-324) rounds to 0 and would drop everything (NaN after softmax).
+            # Rows with top_p 1 drop nothing (not even through cumsum rounding past 1).
+            cut = torch.tensor([p if p < 1.0 else float("inf") for p in top_ps], dtype=torch.float32, device=dev)
+            sorted_x, order = torch.sort(x, dim=-1, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            drop = (torch.cumsum(probs, dim=-1) - probs) >= cut[:, None]
+            drop[:, 0] = False
+            x = x.scatter(1, order, sorted_x.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(x, dim=-1)
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(sampled):
+            noise[j].exponential_(generator=rows[i].generator)
+        tokens[idx] = (probs / noise.clamp_min_(1e-30)).argmax(dim=-1)
+    out: list[int | None] = tokens.tolist()
+    for i in failed:
+        out[i] = None
+    return out, raw_lp
 
 
 def logprob_entries(raw_lp: torch.Tensor, row: int, token_id: int, top_n: int, texts) -> TokenLogprob:

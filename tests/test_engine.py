@@ -304,3 +304,97 @@ def test_a_full_pool_preempts_and_every_request_finishes_with_its_own_tokens(tin
     finally:
         roomy.stop()
         small.stop()
+
+
+class _FaultyConstraint:
+    """A constraint that raises in its mask (sampling) or its advance (postprocessing) at step ``at``."""
+
+    def __init__(self, where: str, at: int = 2):
+        self.where, self.at, self.steps = where, at, 0
+
+    def mask_logits(self, row):
+        if self.where == "mask" and self.steps >= self.at:
+            raise RuntimeError("injected mask fault")
+        return row
+
+    def advance(self, token_id):
+        self.steps += 1
+        if self.where == "advance" and self.steps >= self.at:
+            raise RuntimeError("injected advance fault")
+
+
+@pytest.mark.parametrize("fault", ["mask", "advance", "detokenize", "stop"])
+def test_a_fault_in_one_row_fails_that_request_alone(engine, fault, monkeypatch):
+    """Sampling, constraint, detokenizer or stop-matcher faults in one row: that request ends with an
+    error, every other row of the same steps gets the tokens it gets alone, and the engine serves on."""
+    from engine import detokenize
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    others = [prompt_ids(engine, p) for p in PROMPTS[:4]]
+    alone = [result(asyncio.run(collect(engine, ids, greedy))) for ids in others]
+    bad_ids = prompt_ids(engine, "A request that goes wrong")
+    constraint = None
+    if fault in ("mask", "advance"):
+        constraint = _FaultyConstraint(fault)
+    else:   # the victim's detokenizer / stop matcher raises from its 3rd call on
+        cls = detokenize.IncrementalDetokenizer if fault == "detokenize" else detokenize.StopStringMatcher
+        method = "add" if fault == "detokenize" else "feed"
+        original, real_init = getattr(cls, method), cls.__init__
+        calls: dict[int, int] = {}   # id(victim object) -> calls so far
+
+        def marking_init(self, *a, **kw):
+            real_init(self, *a, **kw)
+            key = list(a[1]) == bad_ids if fault == "detokenize" else list(a[0]) == ["<victim>"]
+            if key:
+                calls[id(self)] = 0
+
+        def faulty(self, *a, **kw):
+            if id(self) in calls:
+                calls[id(self)] += 1
+                if calls[id(self)] >= 3:
+                    raise RuntimeError(f"injected {fault} fault")
+            return original(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "__init__", marking_init)
+        monkeypatch.setattr(cls, method, faulty)
+    bad_params = greedy.replace(stop=["<victim>"]) if fault == "stop" else greedy
+
+    async def together():
+        bad = _collect_request(engine, GenerationRequest("bad", bad_ids, bad_params, constraint=constraint))
+        return await asyncio.gather(bad, *[collect(engine, ids, greedy, f"o{i}") for i, ids in enumerate(others)])
+
+    bad_events, *rest = asyncio.run(together())
+    assert bad_events[-1].finish_reason == "error" and "injected" in bad_events[-1].error
+    assert [result(r) for r in rest] == alone
+    monkeypatch.undo()
+    after = asyncio.run(collect(engine, others[0], greedy))
+    assert result(after) == alone[0]
+
+
+async def _collect_request(engine, request):
+    return [ev async for ev in engine.generate(request)]
+
+
+def test_a_fault_in_the_shared_forward_fails_that_step_and_the_engine_serves_on(engine, monkeypatch):
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ids = prompt_ids(engine, "The quick brown fox")
+    alone = result(asyncio.run(collect(engine, ids, greedy)))
+    real = engine.model.forward
+    state = {"calls": 0}
+
+    def flaky(*a, **kw):
+        state["calls"] += 1
+        if state["calls"] == 3:
+            raise RuntimeError("injected device fault")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine.model, "forward", flaky)
+
+    async def two():
+        return await asyncio.gather(collect(engine, ids, greedy, "a"), collect(engine, ids, greedy, "b"))
+
+    hit = asyncio.run(two())
+    assert all(r[-1].finish_reason == "error" and "injected device fault" in r[-1].error for r in hit)
+    monkeypatch.undo()
+    assert result(asyncio.run(collect(engine, ids, greedy))) == alone
+    if engine.packed:
+        assert engine.stats["kv_blocks_used"] == 0
