@@ -14,8 +14,9 @@ keeps its hash: it is reused by a matching prompt until allocation takes it for 
 freed first (an LRU cache that costs no memory beyond the pool). Blocks are registered only after
 their KV was written, so a sequence never shares a block that is still being prefilled.
 
-``extra`` lets a caller mix something beyond token ids into a block's hash (e.g. a hash of the
-images whose placeholder tokens the block holds), so equal text with different images never shares.
+``extra = (from_token, key)`` mixes ``key`` into the hash of every block that reaches past token
+``from_token`` (e.g. a hash of a prompt's images, from its first image token on), so equal token ids
+with different images never share KV, while the text before the first image still does.
 """
 from __future__ import annotations
 
@@ -34,8 +35,12 @@ class Block:
         self.token_ids: tuple[int, ...] | None = None
 
 
-def chain_hash(prev: int | None, token_ids: tuple[int, ...], extra=None) -> int:
-    return hash((prev, token_ids, extra))
+def chain_hash(prev: int | None, token_ids: tuple[int, ...], key=None) -> int:
+    return hash((prev, token_ids, key))
+
+
+def _key(extra: tuple[int, object] | None, block_end: int):
+    return extra[1] if extra is not None and block_end > extra[0] else None
 
 
 class BlockManager:
@@ -73,7 +78,7 @@ class BlockManager:
         return self.blocks_for(num_tokens) <= len(self.free)
 
     # ------------------------------------------------------------------ allocation
-    def allocate(self, token_ids: list[int], extra=None) -> tuple[list[int], int]:
+    def allocate(self, token_ids: list[int], extra: tuple[int, object] | None = None) -> tuple[list[int], int]:
         """Blocks for a sequence about to be prefilled: (block table, tokens whose KV is already there).
 
         Full blocks found in the prefix cache are shared; at least one token is always left to
@@ -87,7 +92,7 @@ class BlockManager:
             self.lookups += 1
             for start in range(0, (len(token_ids) - 1) // bs * bs, bs):
                 key = tuple(token_ids[start:start + bs])
-                h = chain_hash(prev, key, extra)
+                h = chain_hash(prev, key, _key(extra, start + bs))
                 bid = self.by_hash.get(h)
                 if bid is None or self.blocks[bid].token_ids != key:
                     break
@@ -119,7 +124,7 @@ class BlockManager:
         table.clear()
 
     def register(self, token_ids: list[int], table: list[int], num_computed: int, num_registered: int,
-                 prev_hash: int | None, extra=None) -> tuple[int, int | None]:
+                 prev_hash: int | None, extra: tuple[int, object] | None = None) -> tuple[int, int | None]:
         """Register the full blocks among the first ``num_computed`` tokens (their KV is written)
         that are not registered yet; returns the new (num_registered, prev_hash) to keep on the
         sequence."""
@@ -128,7 +133,7 @@ class BlockManager:
         bs = self.block_size
         while (num_registered + 1) * bs <= num_computed:
             key = tuple(token_ids[num_registered * bs:(num_registered + 1) * bs])
-            h = chain_hash(prev_hash, key, extra)
+            h = chain_hash(prev_hash, key, _key(extra, (num_registered + 1) * bs))
             block = self.blocks[table[num_registered]]
             if block.hash is None:
                 block.hash, block.token_ids = h, key

@@ -18,6 +18,8 @@ async stream of TokenEvents.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import hashlib
 import inspect
 import logging
 import threading
@@ -36,8 +38,8 @@ from .block_manager import BlockManager
 from .detokenize import IncrementalDetokenizer, StopStringMatcher, TokenTexts
 from .kv_cache import KVPool, PoolShape, plan_num_blocks
 from .loader import LoadedModel
-from .prompt import PromptRenderer
-from .request import GenerationRequest, TokenEvent
+from .prompt import PromptError, PromptRenderer
+from .request import GenerationRequest, MultimodalInputs, TokenEvent
 from .sampling import RowState, logprob_entries, sample_batch
 from .scheduler import EngineOverloaded, Scheduler, Sequence
 
@@ -73,7 +75,7 @@ class Engine:
         self.device = loaded.device
         self.max_model_len = loaded.max_model_len
         self.model_name = loaded.name
-        self.prompts = PromptRenderer(self.tokenizer)
+        self.prompts = PromptRenderer(self.tokenizer, loaded.processor)
         self.texts = TokenTexts(self.tokenizer)
         self.eos_ids = self._eos_ids()
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -90,6 +92,7 @@ class Engine:
             torch.backends.cuda.enable_cudnn_sdp(False)
             log.info("cuDNN SDPA backend off (it plans per shape; decode shapes change every step)")
         self.packed = self.config.packed and paged.install(self.model, self._cache_kw, self.device)
+        self.image_token_id = self._image_token_id()
         self.pool: KVPool | None = None
         self.blocks: BlockManager | None = None
         if self.packed:
@@ -104,6 +107,7 @@ class Engine:
         self._stopping = False
         self._crashed: BaseException | None = None
         self._constraints = None
+        self._step_out: list = []
         self.stats = defaultdict(int)
 
     # ------------------------------------------------------------------ lifecycle
@@ -117,6 +121,38 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return sorted(ids)
+
+    def _image_token_id(self) -> int | None:
+        """The placeholder token the processor expands per image, if images can be served.
+
+        Images ride in paged steps only (their embeddings replace the placeholders' in the packed
+        input). Models with multimodal rotary positions (Qwen2-VL's M-RoPE) need per-axis position
+        ids that the packed step does not build yet, so they serve text only for now.
+        """
+        if self.loaded.processor is None:
+            return None
+        cfg = self.model.config
+        token = getattr(cfg, "image_token_id", None)
+        if token is None:
+            token = getattr(cfg, "image_token_index", None)
+        inner = getattr(self.model, "model", None)
+        why = None
+        if token is None:
+            why = "the model's config names no image token"
+        elif not self.packed:
+            why = "images need the paged engine path, which this model does not take"
+        elif inner is not None and hasattr(inner, "get_rope_index"):
+            why = "its multimodal rotary positions (M-RoPE) are not built by the packed step yet"
+        elif not hasattr(self.model, "get_image_features"):
+            why = "the model has no get_image_features"
+        if why is not None:
+            log.warning("this vision-language model serves text only: %s", why)
+            return None
+        return int(token)
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.image_token_id is not None
 
     def _make_pool(self) -> None:
         cfg, bs = self.config, self.config.block_size
@@ -144,7 +180,15 @@ class Engine:
             busy = self.scheduler.running or any(s.started for s in self.scheduler.waiting)
             if need + (self._watermark if busy else 0) > self.blocks.num_free:
                 return False
-            seq.block_table, cached = self.blocks.allocate(seq.token_ids)
+            if seq.request.multimodal is not None and seq.image_embeds is None:
+                try:
+                    self._encode_images(seq)
+                except Exception as exc:   # this request's images: it alone fails
+                    log.exception("%s: the vision encoder failed", seq.request.request_id)
+                    self.scheduler.waiting.remove(seq)
+                    self._finish(seq, "error", self._step_out, error=f"image encoding failed: {type(exc).__name__}: {exc}")
+                    return False
+            seq.block_table, cached = self.blocks.allocate(seq.token_ids, seq.mm_key)
             seq.num_prefilled = cached
             if not seq.preemptions:
                 seq.cached_tokens = cached
@@ -152,6 +196,27 @@ class Engine:
         seq.started = True
         seq.start_order = next(self._start_order)
         return True
+
+    def _encode_images(self, seq: Sequence) -> None:
+        """Run the vision encoder over a newcomer's images once: one embedding per image token,
+        in the order the tokens appear (kept across preemption)."""
+        mm = seq.request.multimodal
+        t0 = time.perf_counter()
+        inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in mm.encoder_inputs.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        out = self.model.get_image_features(**inputs, return_dict=True)
+        feats = getattr(out, "pooler_output", out)
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats])
+        seq.image_embeds = feats.reshape(-1, feats.shape[-1])
+        seq.image_positions = [i for i, t in enumerate(seq.request.prompt_ids) if t == self.image_token_id]
+        if len(seq.image_positions) != seq.image_embeds.shape[0]:
+            raise ValueError(f"{len(seq.image_positions)} image tokens in the prompt but "
+                             f"{seq.image_embeds.shape[0]} image embeddings")
+        seq.mm_key = (seq.image_positions[0], mm.digest) if seq.image_positions else None
+        self.stats["images_encoded"] += mm.num_images
+        self.stats["time_vision_s"] += time.perf_counter() - t0
 
     def _release(self, seq: Sequence) -> None:
         """Drop a sequence's KV (its blocks go back to the pool, full ones stay reusable)."""
@@ -186,7 +251,7 @@ class Engine:
 
     def _register(self, seq: Sequence, num_computed: int) -> None:
         seq.num_registered, seq.prev_hash = self.blocks.register(seq.token_ids, seq.block_table, num_computed,
-                                                                 seq.num_registered, seq.prev_hash)
+                                                                 seq.num_registered, seq.prev_hash, seq.mm_key)
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._loop, name="chatserve-engine", daemon=True)
@@ -219,6 +284,24 @@ class Engine:
     # ------------------------------------------------------------------ prompts / constraints
     def render_prompt(self, messages: list[dict], **kwargs) -> list[int]:
         return self.prompts.render(messages, **kwargs)
+
+    def prepare_prompt(self, messages: list[dict], images: list | None = None,
+                       **kwargs) -> tuple[list[int], MultimodalInputs | None]:
+        """Prompt token ids, and for a prompt with images what the vision encoder needs.
+
+        ``images``: PIL images in the order their parts appear. Blocking (the processor resizes
+        and normalizes the images): call it off the event loop.
+        """
+        if not images:
+            return self.render_prompt(messages, **kwargs), None
+        if not self.accepts_images:
+            raise PromptError("this model does not accept images (it is a text-only model)")
+        ids, encoder_inputs = self.prompts.render_multimodal(messages, images, **kwargs)
+        h = hashlib.sha256()
+        for im in images:
+            h.update(f"{im.mode}{im.size}".encode())
+            h.update(im.tobytes())
+        return ids, MultimodalInputs(encoder_inputs, h.hexdigest(), len(images))
 
     @property
     def tool_family(self) -> str:
@@ -324,6 +407,7 @@ class Engine:
 
     def step(self) -> None:
         out: list[tuple[Sequence, TokenEvent]] = []
+        self._step_out = out   # for events made deep inside scheduling (a request failing as it starts)
         sched = self.scheduler
         # -- schedule: aborts, queue timeouts
         gone_waiting, gone_rows = sched.take_aborted()
@@ -359,8 +443,15 @@ class Engine:
         positions = [s.num_tokens - 1 for s in rows]
         row_layout = [(s.block_table, s.num_tokens) for s in rows]
         chunks, keep, completing = [], list(range(len(rows))), []
+        image_at, image_rows = [], []   # packed indices of image tokens, and their embeddings
         for seq, n in work:
             start = seq.num_prefilled
+            if seq.image_positions:
+                lo = bisect.bisect_left(seq.image_positions, start)
+                hi = bisect.bisect_left(seq.image_positions, start + n)
+                if hi > lo:
+                    image_at += [len(tokens) + p - start for p in seq.image_positions[lo:hi]]
+                    image_rows.append(seq.image_embeds[lo:hi])
             tokens += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             chunks.append((seq.block_table, start, n))
@@ -373,7 +464,8 @@ class Engine:
             return
         t0 = time.perf_counter()
         step = paged.PagedStep.build(self.pool, row_layout, chunks, self.device)
-        logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep, self.device)
+        images = (image_at, torch.cat(image_rows) if len(image_rows) > 1 else image_rows[0]) if image_rows else None
+        logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep, self.device, images)
         t1 = time.perf_counter()
         self.stats["time_forward_s"] += t1 - t0
         for seq in rows:                 # full blocks whose KV is now written become reusable

@@ -1,4 +1,5 @@
-"""Load a model, tokenizer (and later processor) from a folder, a .gguf file, or the default package.
+"""Load a model, tokenizer (and a processor for vision-language models) from a folder, a .gguf file,
+or the default package.
 
 Model specs:
 - a folder saved with ``save_pretrained`` (config.json + weights + tokenizer files);
@@ -37,6 +38,7 @@ class LoadedModel:
     max_model_len: int
     source: str              # what was asked for
     load_seconds: float
+    processor: object = None  # a transformers processor (vision-language models), else None
 
 
 def cache_root() -> Path:
@@ -125,7 +127,7 @@ def pick_dtype(dtype: str, device: str):
 def load_model(spec: str | None = None, *, served_model_name: str | None = None, device: str = "auto",
                dtype: str = "auto", max_model_len: int | None = None) -> LoadedModel:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     spec = spec or DEFAULT_MODEL
@@ -134,10 +136,20 @@ def load_model(spec: str | None = None, *, served_model_name: str | None = None,
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     log.info("loading %s from %s on %s (%s)", spec, folder, dev, str(torch_dtype).removeprefix("torch."))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(dev)
+    processor = None
+    if getattr(AutoConfig.from_pretrained(folder), "vision_config", None) is not None:
+        # a vision-language model: image-text-to-text class, and its processor (image processor +
+        # tokenizer + the chat template that places the image tokens)
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        processor = AutoProcessor.from_pretrained(folder)
+        tokenizer = processor.tokenizer
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype).to(dev)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(dev)
     model.eval()
-    ctx = getattr(model.config, "max_position_embeddings", None) or 2048
+    text_config = model.config.get_text_config()
+    ctx = getattr(text_config, "max_position_embeddings", None) or 2048
     if max_model_len:
         if max_model_len > ctx:
             log.warning("--max-model-len %d exceeds the model's %d positions; using %d", max_model_len, ctx, ctx)
@@ -150,7 +162,8 @@ def load_model(spec: str | None = None, *, served_model_name: str | None = None,
         name = Path(gguf_file).stem if gguf_file else Path(spec).expanduser().resolve().name
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev,
                          dtype=str(torch_dtype).removeprefix("torch."), max_model_len=int(ctx),
-                         source=spec, load_seconds=time.perf_counter() - t0)
-    log.info("model %s loaded: device=%s dtype=%s context=%d load_time=%.1fs",
-             loaded.name, loaded.device, loaded.dtype, loaded.max_model_len, loaded.load_seconds)
+                         source=spec, load_seconds=time.perf_counter() - t0, processor=processor)
+    log.info("model %s loaded: device=%s dtype=%s context=%d load_time=%.1fs%s",
+             loaded.name, loaded.device, loaded.dtype, loaded.max_model_len, loaded.load_seconds,
+             " (vision-language: %s)" % type(model).__name__ if processor is not None else "")
     return loaded

@@ -187,14 +187,25 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def forward(model, cache_kw: str, tokens: list[int], positions: list[int], step: PagedStep,
-            keep: list[int], device) -> torch.Tensor:
-    """Run one packed step; returns float logits at the packed indices ``keep`` ([len(keep), V])."""
+            keep: list[int], device, images: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """Run one packed step; returns float logits at the packed indices ``keep`` ([len(keep), V]).
+
+    ``images``: (packed indices of image placeholder tokens, their embeddings from the vision
+    encoder): the step then runs on input embeddings with those rows replaced, as the model's own
+    forward merges image features, but for any slice of a prompt's image tokens.
+    """
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     pos = torch.tensor([positions], dtype=torch.long, device=device)
     mask = _placeholder_masks.get(str(device))
     if mask is None:   # made once per device, not copied to it every step
         mask = _placeholder_masks[str(device)] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
-    out = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True,
+    inputs = {"input_ids": ids}
+    if images is not None:
+        at, rows = images
+        embeds = model.get_input_embeddings()(ids)
+        embeds[0, torch.tensor(at, dtype=torch.long, device=device)] = rows.to(embeds.dtype)
+        inputs = {"inputs_embeds": embeds}
+    out = model(**inputs, position_ids=pos, attention_mask=mask, use_cache=True,
                 logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device), **{cache_kw: step})
     return out.logits[0].float()
 

@@ -121,9 +121,10 @@ def call_as_text(call: dict, family: str) -> str:
 
 
 class PromptRenderer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, processor=None):
         self.tokenizer = tokenizer
-        self.template = getattr(tokenizer, "chat_template", None)
+        self.processor = processor   # vision-language models: its template places the image tokens
+        self.template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
         self.family = detect_family(tokenizer)
         self.template_tools = template_supports_tools(tokenizer)
         self.max_chars_per_token = chars_per_token_bound(tokenizer)
@@ -148,7 +149,14 @@ class PromptRenderer:
         out = []
         for m in messages:
             m = dict(m)
-            m["content"] = _text_of(m.get("content"))
+            content = m.get("content")
+            if self.processor is not None and isinstance(content, list) and any(
+                    p.get("type") == "image_url" for p in content):
+                # the processor's template writes each image's placeholder where its part stands
+                m["content"] = [{"type": "image"} if p.get("type") == "image_url"
+                                else {"type": "text", "text": p.get("text", "")} for p in content]
+            else:
+                m["content"] = _text_of(content)
             if m.get("tool_calls") and not self.template_tools:
                 calls = "\n".join(call_as_text(c, self.family) for c in m.pop("tool_calls"))
                 m["content"] = (m["content"] + "\n" if m["content"] else "") + calls
@@ -197,9 +205,10 @@ class PromptRenderer:
             raise PromptError("this model has no chat template, so chat messages cannot be rendered; "
                               "serve a chat/instruct model or one whose tokenizer defines chat_template")
         messages, kwargs = self.with_tools(messages, tools, tool_prompt)
+        owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         try:
-            return self.tokenizer.apply_chat_template(self.normalize(messages), tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt, **kwargs)
+            return owner.apply_chat_template(self.normalize(messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
         except Exception as exc:  # jinja raise_exception() in templates, e.g. role alternation rules
             raise PromptError(f"the model's chat template rejected the messages: {exc}") from exc
 
@@ -209,6 +218,29 @@ class PromptRenderer:
         (PromptTooLong) before tokenizing: rendering megabytes takes milliseconds, tokenizing
         them seconds. The rendered text is measured, not the messages, so the template's own text
         counts and text a template leaves out (e.g. earlier reasoning) does not."""
+        text = self._checked_text(messages, tools, tool_prompt, add_generation_prompt, context_length)
+        # The template already wrote any BOS it wants; don't let the tokenizer add another.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def render_multimodal(self, messages: list[dict], images: list, *, tools: list[dict] | None = None,
+                          tool_prompt: str | None = None, context_length: int | None = None) -> tuple[list[int], dict]:
+        """Prompt token ids with each image's placeholder expanded by the processor, and the
+        processor's image tensors (pixel values, sizes, grids: whatever the model's vision encoder
+        takes). ``images`` are PIL images in the order their parts appear in the messages."""
+        if self.processor is None:
+            raise PromptError("this model does not accept images (it is a text-only model)")
+        text = self._checked_text(messages, tools, tool_prompt, True, context_length)
+        try:
+            # the template wrote any BOS it wants (as for text prompts)
+            enc = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
+        except Exception as exc:   # e.g. an image the image processor cannot resize
+            raise PromptError(f"the model's processor could not prepare the images: {exc}") from exc
+        ids = enc["input_ids"][0].tolist()
+        encoder_inputs = {k: v for k, v in enc.items()
+                          if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")}
+        return ids, encoder_inputs
+
+    def _checked_text(self, messages, tools, tool_prompt, add_generation_prompt, context_length) -> str:
         text = self.render_text(messages, tools=tools, tool_prompt=tool_prompt,
                                 add_generation_prompt=add_generation_prompt)
         limit = self.max_prompt_chars(context_length) if context_length is not None else None
@@ -221,5 +253,4 @@ class PromptRenderer:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:   # e.g. a lone surrogate from a "\\ud800" JSON escape
             raise PromptError(f"message text is not valid Unicode: {exc.reason} at position {exc.start}") from None
-        # The template already wrote any BOS it wants; don't let the tokenizer add another.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text

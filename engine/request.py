@@ -57,12 +57,21 @@ class ConstraintSpec:
 
 
 @dataclass
+class MultimodalInputs:
+    """A prompt's images as the model's vision encoder takes them (Engine.prepare_prompt makes it;
+    the server passes it on unopened)."""
+    encoder_inputs: dict[str, Any]         # the processor's tensors: pixel_values, image sizes/grids
+    digest: str                            # hash of the images' bytes: prompts with other images share no KV
+    num_images: int
+
+
+@dataclass
 class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     constraint: Any = None                 # a compiled constraint (engine.constraints), or None
-    images: list[Any] = field(default_factory=list)
+    multimodal: MultimodalInputs | None = None
 
 
 @dataclass

@@ -37,6 +37,10 @@ class Sequence:
     prev_hash: int | None = None              # hash of the last of them
     cached_tokens: int = 0                    # prompt tokens taken from the prefix cache
     preemptions: int = 0
+    # images: their embeddings (vision encoder output, one row per image token) and where those tokens are
+    image_embeds: object = None
+    image_positions: list[int] = field(default_factory=list)
+    mm_key: tuple | None = None               # (first image token, images' digest): the prefix-cache key
     start_order: int = 0                      # when it last got KV: the newest is preempted first
     # decode
     output_ids: list[int] = field(default_factory=list)

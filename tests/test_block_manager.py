@@ -85,10 +85,11 @@ def test_blocks_filled_while_decoding_are_registered_too():
     assert bm.allocate([5, 6, 7, 8, 1])[1] == 4
 
 
-def test_extra_keys_keep_equal_tokens_apart():
-    bm = BlockManager(num_blocks=8, block_size=2)
-    ids = [1, 2, 3]
-    table, _ = bm.allocate(ids, extra="image-a")
-    bm.register(ids, table, 3, 0, None, extra="image-a")
-    assert bm.allocate(ids, extra="image-a")[1] == 2
-    assert bm.allocate(ids, extra="image-b")[1] == 0
+def test_extra_keys_keep_equal_tokens_apart_from_where_they_start():
+    bm = BlockManager(num_blocks=16, block_size=2)
+    ids = [1, 2, 3, 4, 5]                                          # the "image" starts at token 2
+    table, _ = bm.allocate(ids, extra=(2, "image-a"))
+    bm.register(ids, table, 5, 0, None, extra=(2, "image-a"))
+    assert bm.allocate(ids, extra=(2, "image-a"))[1] == 4
+    assert bm.allocate(ids, extra=(2, "image-b"))[1] == 2          # the block before the image is shared
+    assert bm.allocate(ids)[1] == 2

@@ -90,3 +90,79 @@ def build_tiny_llama(path: Path, *, chat_template: str | None = CHAT_TEMPLATE, s
     model.save_pretrained(path)
     (path / "README.md").write_text(json.dumps({"tiny": True}))
     return path
+
+
+# A ChatML template whose image parts become the processor's placeholder (written per family).
+def _vlm_template(placeholder: str) -> str:
+    return (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'text' %}{{ part['text'] }}"
+        "{% elif part['type'] == 'image' %}" + placeholder + "{% endif %}{% endfor %}{% endif %}"
+        "{{ '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+def _tiny_text_config(vocab_size: int, eos: int, max_position_embeddings: int = 1024):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
+                       eos_token_id=eos)
+
+
+def build_tiny_llava(path: Path, seed: int = 0) -> Path:
+    """LLaVA: a 1-layer CLIP vision tower on 28x28 images (4 patches -> 4 image tokens per image),
+    a projector and the 2-layer Llama; a real LlavaProcessor (CLIP image processor)."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, \
+        LlavaProcessor
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path, None)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1, chat_template=_vlm_template("<image>"))
+    config = LlavaConfig(
+        text_config=_tiny_text_config(len(tok), tok.eos_token_id),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=28, patch_size=14, projection_dim=32),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def build_tiny_idefics3(path: Path, seed: int = 0) -> Path:
+    """Idefics3 / SmolVLM: a 1-layer SigLIP-style tower on 56x56 tiles, pixel shuffle (scale 2: 4 image
+    tokens per tile), images split into tiles plus a global view; a real Idefics3Processor."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path, None)
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                          "<end_of_utterance>", "<global-img>"]})
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56},
+                                                do_image_splitting=True)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=_vlm_template("<image>"))
+    config = Idefics3Config(
+        text_config=_tiny_text_config(len(tok), tok.eos_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
