@@ -93,6 +93,9 @@ class Engine:
             log.info("cuDNN SDPA backend off (it plans per shape; decode shapes change every step)")
         self.packed = self.config.packed and paged.install(self.model, self._cache_kw, self.device)
         self.image_token_id = self._image_token_id()
+        # multimodal rotary positions (Qwen2-VL family): three position axes per token, from the model
+        inner = getattr(self.model, "model", None)
+        self.mrope = inner is not None and hasattr(inner, "get_rope_index")
         self.pool: KVPool | None = None
         self.blocks: BlockManager | None = None
         if self.packed:
@@ -126,8 +129,7 @@ class Engine:
         """The placeholder token the processor expands per image, if images can be served.
 
         Images ride in paged steps only (their embeddings replace the placeholders' in the packed
-        input). Models with multimodal rotary positions (Qwen2-VL's M-RoPE) need per-axis position
-        ids that the packed step does not build yet, so they serve text only for now.
+        input).
         """
         if self.loaded.processor is None:
             return None
@@ -141,8 +143,6 @@ class Engine:
             why = "the model's config names no image token"
         elif not self.packed:
             why = "images need the paged engine path, which this model does not take"
-        elif inner is not None and hasattr(inner, "get_rope_index"):
-            why = "its multimodal rotary positions (M-RoPE) are not built by the packed step yet"
         elif not hasattr(self.model, "get_image_features"):
             why = "the model has no get_image_features"
         if why is not None:
@@ -215,8 +215,27 @@ class Engine:
             raise ValueError(f"{len(seq.image_positions)} image tokens in the prompt but "
                              f"{seq.image_embeds.shape[0]} image embeddings")
         seq.mm_key = (seq.image_positions[0], mm.digest) if seq.image_positions else None
+        if self.mrope and "image_grid_thw" in inputs:
+            ids = torch.tensor([seq.request.prompt_ids], device=self.device)
+            pos, delta = self.model.model.get_rope_index(ids, (ids == self.image_token_id).int(),
+                                                         image_grid_thw=inputs["image_grid_thw"])
+            seq.mrope_prompt, seq.mrope_delta = pos[:, 0, :], int(delta.reshape(-1)[0])
         self.stats["images_encoded"] += mm.num_images
         self.stats["time_vision_s"] += time.perf_counter() - t0
+
+    def _mrope_positions(self, seq: Sequence, start: int, n: int):
+        """M-RoPE positions of tokens [start, start + n): the model's own per-axis positions over the
+        prompt (images get 2-D grid positions), then one step per token on every axis."""
+        prompt = seq.mrope_prompt
+        if prompt is None:
+            return [p + seq.mrope_delta for p in range(start, start + n)]
+        inside = prompt[:, start:start + n]
+        rest = max(0, start + n - prompt.shape[1])
+        if not rest:
+            return inside
+        first = max(start, prompt.shape[1])
+        tail = torch.arange(first, first + rest, device=self.device).expand(3, -1) + seq.mrope_delta
+        return torch.cat([inside, tail], dim=1)
 
     def _release(self, seq: Sequence) -> None:
         """Drop a sequence's KV (its blocks go back to the pool, full ones stay reusable)."""
@@ -441,6 +460,7 @@ class Engine:
         rows = list(sched.running)
         tokens = [s.token_ids[-1] for s in rows]
         positions = [s.num_tokens - 1 for s in rows]
+        position_parts = [[p + s.mrope_delta for s, p in zip(rows, positions)]] if self.mrope else None
         row_layout = [(s.block_table, s.num_tokens) for s in rows]
         chunks, keep, completing = [], list(range(len(rows))), []
         image_at, image_rows = [], []   # packed indices of image tokens, and their embeddings
@@ -454,6 +474,8 @@ class Engine:
                     image_rows.append(seq.image_embeds[lo:hi])
             tokens += seq.token_ids[start:start + n]
             positions += range(start, start + n)
+            if self.mrope:
+                position_parts.append(self._mrope_positions(seq, start, n))
             chunks.append((seq.block_table, start, n))
             seq.num_prefilled += n
             self.stats["prefill_tokens"] += n
@@ -465,6 +487,9 @@ class Engine:
         t0 = time.perf_counter()
         step = paged.PagedStep.build(self.pool, row_layout, chunks, self.device)
         images = (image_at, torch.cat(image_rows) if len(image_rows) > 1 else image_rows[0]) if image_rows else None
+        if self.mrope:   # [3, N]: temporal, height, width
+            positions = torch.cat([torch.tensor(p, dtype=torch.long, device=self.device).expand(3, -1)
+                                   if isinstance(p, list) else p for p in position_parts], dim=1)
         logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep, self.device, images)
         t1 = time.perf_counter()
         self.stats["time_forward_s"] += t1 - t0

@@ -186,7 +186,7 @@ AttentionInterface.register(NAME, paged_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def forward(model, cache_kw: str, tokens: list[int], positions: list[int], step: PagedStep,
+def forward(model, cache_kw: str, tokens: list[int], positions: list[int] | torch.Tensor, step: PagedStep,
             keep: list[int], device, images: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
     """Run one packed step; returns float logits at the packed indices ``keep`` ([len(keep), V]).
 
@@ -195,7 +195,10 @@ def forward(model, cache_kw: str, tokens: list[int], positions: list[int], step:
     forward merges image features, but for any slice of a prompt's image tokens.
     """
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    pos = torch.tensor([positions], dtype=torch.long, device=device)
+    if isinstance(positions, torch.Tensor):   # [axes, N] (multimodal rotary positions)
+        pos = positions.unsqueeze(1)
+    else:
+        pos = torch.tensor([positions], dtype=torch.long, device=device)
     mask = _placeholder_masks.get(str(device))
     if mask is None:   # made once per device, not copied to it every step
         mask = _placeholder_masks[str(device)] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)

@@ -220,7 +220,7 @@ def test_the_same_text_with_other_images_shares_no_image_kv(vlm_dir, client, vlm
     """Prefix cache on: B after A (same text, other image) gets B's own tokens, as on a cold engine,
     and reuses no block past A's first image token."""
     _, engine, _ = vlm
-    text = "Please describe the picture below in great detail, with colours. " * 3
+    text = "Please describe the picture below in great detail, with colours."
     a = ask(client, image_msg(data_url(RED), text=text))
     b = ask(client, image_msg(data_url(BLUE), text=text))
     b_again = ask(client, image_msg(data_url(BLUE), text=text))
@@ -233,10 +233,12 @@ def test_the_same_text_with_other_images_shares_no_image_kv(vlm_dir, client, vlm
     assert text_of(b) == text_of(b_cold)
     ids, mm = engine.prepare_prompt(image_msg("x", text=text), [Image.open(io.BytesIO(BLUE)).convert("RGB")])
     first_image = ids.index(engine.image_token_id)
+    assert first_image >= 16                             # a whole block of text before the image
     assert b["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_image
     assert b_again["usage"]["prompt_tokens_details"]["cached_tokens"] > first_image   # its own blocks are reused
     assert text_of(b_again) == text_of(b)
     assert a["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_image   # A shared nothing of its image either
+    assert text_of(a) != text_of(b)                      # the image matters, so shared image KV would show
 
 
 def test_the_openai_sdk_and_huggingface_hub_snippets_run_unchanged(vlm, image_server):
@@ -338,3 +340,57 @@ def test_a_failing_vision_encoder_fails_that_request_alone(vlm, monkeypatch):
     bad, good = asyncio.run(both())
     assert bad[-1].finish_reason == "error" and "injected vision fault" in bad[-1].error
     assert [t for e in good for t in e.token_ids] == [t for e in alone for t in e.token_ids]
+
+
+def test_qwen2vl_multimodal_rotary_positions_in_mixed_packed_steps(tmp_path):
+    """Qwen2-VL's M-RoPE: an image prompt (grid positions for its image tokens, prefilled in chunks
+    that split the image) beside a decoding text row gives the tokens of model.generate; so does a
+    text request on the same engine. The encoder inputs are made by hand (no processor here)."""
+    from types import SimpleNamespace
+
+    from engine.engine import Engine, EngineConfig
+    from engine.loader import LoadedModel
+    from engine.request import GenerationRequest, MultimodalInputs, SamplingParams
+    from tiny_models import build_tiny_qwen2vl
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    folder = build_tiny_qwen2vl(tmp_path / "qwen2vl")
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    loaded = LoadedModel(model=model, tokenizer=tok, name="qwen2vl", device="cpu", dtype="float32",
+                         max_model_len=1024, source=str(folder), load_seconds=0.0,
+                         processor=SimpleNamespace(chat_template=None))
+    engine = Engine(loaded, EngineConfig(prefill_chunk=6)).start()
+    try:
+        assert engine.packed and engine.mrope and engine.accepts_images
+        grid = torch.tensor([[1, 4, 6]])                       # 4x6 patches -> 2x3 = 6 image tokens
+        g = torch.Generator().manual_seed(0)
+        pixels = torch.randn(24, 3 * 2 * 14 * 14, generator=g)
+        v = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")}
+        text = tok("<|im_start|>user\nWhat is in")["input_ids"]
+        ids = text + [v["<|vision_start|>"]] + [v["<|image_pad|>"]] * 6 + [v["<|vision_end|>"]] \
+            + tok(" it?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+        mm = MultimodalInputs({"pixel_values": pixels, "image_grid_thw": grid}, "digest", 1)
+        text_ids = engine.render_prompt([{"role": "user", "content": "Hello there, a text request"}])
+        params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+        async def collect(req):
+            return [t async for e in engine.generate(req) for t in e.token_ids]
+
+        async def both():
+            return await asyncio.gather(collect(GenerationRequest("t", text_ids, params)),
+                                        collect(GenerationRequest("img", ids, params, multimodal=mm)))
+
+        got_text, got_image = asyncio.run(both())
+        model.set_attn_implementation("sdpa")
+        with torch.inference_mode():
+            t = torch.tensor([ids])
+            ref = model.generate(input_ids=t, pixel_values=pixels, image_grid_thw=grid,
+                                 mm_token_type_ids=(t == v["<|image_pad|>"]).int(),
+                                 max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
+            ref_text = model.generate(torch.tensor([text_ids]), max_new_tokens=10, min_new_tokens=10,
+                                      do_sample=False)[0, len(text_ids):].tolist()
+        assert got_image == ref
+        assert got_text == ref_text
+    finally:
+        engine.stop()

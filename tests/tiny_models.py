@@ -111,7 +111,7 @@ def _tiny_text_config(vocab_size: int, eos: int, max_position_embeddings: int = 
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-                       eos_token_id=eos)
+                       eos_token_id=eos, initializer_range=0.3)   # larger weights: outputs depend on the inputs
 
 
 def build_tiny_llava(path: Path, seed: int = 0) -> Path:
@@ -134,7 +134,7 @@ def build_tiny_llava(path: Path, seed: int = 0) -> Path:
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                        image_size=28, patch_size=14, projection_dim=32),
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1)
+        vision_feature_layer=-1, initializer_range=0.3)
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
@@ -161,8 +161,38 @@ def build_tiny_idefics3(path: Path, seed: int = 0) -> Path:
         text_config=_tiny_text_config(len(tok), tok.eos_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=56, patch_size=14),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2)
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, initializer_range=0.3)
     torch.manual_seed(seed)
     Idefics3ForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
+    return path
+
+
+QWEN2VL_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+
+
+def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
+    """Qwen2-VL (multimodal rotary positions): a 1-layer vision tower with 14-pixel patches merged 2x2,
+    and a 2-layer text model with M-RoPE. No processor is saved: Qwen2-VL's processor needs
+    torchvision, which has no CPU build for this torch here; tests make the encoder inputs by hand."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path, CHAT_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": QWEN2VL_TOKENS})
+    tok.save_pretrained(path)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                         eos_token_id=tok.eos_token_id, initializer_range=0.3),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
     return path
