@@ -394,3 +394,23 @@ def test_qwen2vl_multimodal_rotary_positions_in_mixed_packed_steps(tmp_path):
         assert got_text == ref_text
     finally:
         engine.stop()
+
+
+def test_json_schema_logprobs_seeds_and_stop_strings_work_with_images(client, vlm):
+    msgs = image_msg(data_url(RED), text="Give the colour as JSON.")
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
+              "required": ["colour"], "additionalProperties": False}
+    r = ask(client, msgs, max_tokens=40, ignore_eos=False,
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    assert json.loads(text_of(r))["colour"] in ("red", "blue")
+    lp = ask(client, msgs, logprobs=True, top_logprobs=3)
+    entries = lp["choices"][0]["logprobs"]["content"]
+    assert len(entries) == lp["usage"]["completion_tokens"]
+    assert all(abs(e["logprob"] - max(t["logprob"] for t in e["top_logprobs"])) < 1e-4 for e in entries)
+    seeded = [text_of(ask(client, msgs, temperature=1.0, seed=7)) for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    full = text_of(ask(client, msgs, max_tokens=12))
+    stop = full[3:5]
+    if stop.strip():
+        cut = text_of(ask(client, msgs, max_tokens=12, stop=[stop]))
+        assert stop not in cut and full.startswith(cut)
