@@ -78,17 +78,19 @@ class BlockManager:
         return self.blocks_for(num_tokens) <= len(self.free)
 
     # ------------------------------------------------------------------ allocation
-    def allocate(self, token_ids: list[int], extra: tuple[int, object] | None = None) -> tuple[list[int], int]:
+    def allocate(self, token_ids: list[int], extra: tuple[int, object] | None = None,
+                 reuse: bool = True) -> tuple[list[int], int]:
         """Blocks for a sequence about to be prefilled: (block table, tokens whose KV is already there).
 
         Full blocks found in the prefix cache are shared; at least one token is always left to
-        compute (its logits give the next token). The caller checked ``can_allocate``.
+        compute (its logits give the next token). ``reuse=False`` takes no cached block (a request
+        that wants every prompt position's logits). The caller checked ``can_allocate``.
         """
         bs = self.block_size
         table: list[int] = []
         prev = None
         cached = 0
-        if self.prefix_caching:
+        if self.prefix_caching and reuse:
             self.lookups += 1
             for start in range(0, (len(token_ids) - 1) // bs * bs, bs):
                 key = tuple(token_ids[start:start + bs])

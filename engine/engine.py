@@ -154,6 +154,11 @@ class Engine:
     def accepts_images(self) -> bool:
         return self.image_token_id is not None
 
+    @property
+    def scores_prompts(self) -> bool:
+        """Prompt logprobs and max_tokens=0 (scoring without generating): the paged path only."""
+        return self.packed
+
     def _make_pool(self) -> None:
         cfg, bs = self.config, self.config.block_size
         shape = PoolShape.of(self.model)
@@ -188,7 +193,10 @@ class Engine:
                     self.scheduler.waiting.remove(seq)
                     self._finish(seq, "error", self._step_out, error=f"image encoding failed: {type(exc).__name__}: {exc}")
                     return False
-            seq.block_table, cached = self.blocks.allocate(seq.token_ids, seq.mm_key)
+            wants_prompt_lps = seq.request.params.prompt_logprobs is not None
+            if wants_prompt_lps and seq.prompt_lps is None:
+                seq.prompt_lps = [None]   # the first prompt token: nothing predicts it
+            seq.block_table, cached = self.blocks.allocate(seq.token_ids, seq.mm_key, reuse=not wants_prompt_lps)
             seq.num_prefilled = cached
             if not seq.preemptions:
                 seq.cached_tokens = cached
@@ -222,6 +230,17 @@ class Engine:
             seq.mrope_prompt, seq.mrope_delta = pos[:, 0, :], int(delta.reshape(-1)[0])
         self.stats["images_encoded"] += mm.num_images
         self.stats["time_vision_s"] += time.perf_counter() - t0
+
+    def _score_prompts(self, logits: torch.Tensor, scoring: list) -> None:
+        """Logprobs of prompt tokens: the logits at position p score token p + 1."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        row = 0
+        for seq, first, count in scoring:
+            top = seq.request.params.prompt_logprobs
+            for j in range(count):
+                token = seq.token_ids[first + j + 1]
+                seq.prompt_lps.append(logprob_entries(lp, row + j, token, top, self.texts))
+            row += count
 
     def _mrope_positions(self, seq: Sequence, start: int, n: int):
         """M-RoPE positions of tokens [start, start + n): the model's own per-axis positions over the
@@ -464,8 +483,16 @@ class Engine:
         row_layout = [(s.block_table, s.num_tokens) for s in rows]
         chunks, keep, completing = [], list(range(len(rows))), []
         image_at, image_rows = [], []   # packed indices of image tokens, and their embeddings
+        scoring, score_at = [], []      # (seq, first position, count) of prompt positions whose logprobs are wanted
+        scored_only = []                # prompts to score without generating (max_tokens 0)
         for seq, n in work:
             start = seq.num_prefilled
+            if seq.prompt_lps is not None and start < seq.prompt_len - 1:
+                first = max(start, len(seq.prompt_lps) - 1)   # (a recomputed prompt is not scored twice)
+                count = min(start + n, seq.prompt_len - 1) - first
+                if count > 0:
+                    scoring.append((seq, first, count))
+                    score_at += range(len(tokens) + first - start, len(tokens) + first - start + count)
             if seq.image_positions:
                 lo = bisect.bisect_left(seq.image_positions, start)
                 hi = bisect.bisect_left(seq.image_positions, start + n)
@@ -480,8 +507,11 @@ class Engine:
             seq.num_prefilled += n
             self.stats["prefill_tokens"] += n
             if seq.num_prefilled >= seq.num_tokens:
-                completing.append(seq)
-                keep.append(len(tokens) - 1)
+                if seq.max_tokens == 0:
+                    scored_only.append(seq)
+                else:
+                    completing.append(seq)
+                    keep.append(len(tokens) - 1)
         if not tokens:
             return
         t0 = time.perf_counter()
@@ -490,13 +520,20 @@ class Engine:
         if self.mrope:   # [3, N]: temporal, height, width
             positions = torch.cat([torch.tensor(p, dtype=torch.long, device=self.device).expand(3, -1)
                                    if isinstance(p, list) else p for p in position_parts], dim=1)
-        logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep, self.device, images)
+        logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep + score_at, self.device,
+                               images)
+        if scoring:
+            self._score_prompts(logits[len(keep):], scoring)
+            logits = logits[:len(keep)]
         t1 = time.perf_counter()
         self.stats["time_forward_s"] += t1 - t0
         for seq in rows:                 # full blocks whose KV is now written become reusable
             self._register(seq, seq.num_tokens)
         for seq, _ in work:
             self._register(seq, seq.num_prefilled)
+        for seq in scored_only:          # scored, nothing to generate
+            self.scheduler.waiting.remove(seq)
+            self._finish(seq, "length", out)
         for seq in completing:           # newcomers join after the rows that decoded this step
             self._start_decoding(seq)
         if rows:
@@ -599,7 +636,7 @@ class Engine:
         else:
             out.append((seq, TokenEvent(text=text, token_ids=[token], logprobs=logprobs,
                                         prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids),
-                                        cached_tokens=seq.cached_tokens)))
+                                        cached_tokens=seq.cached_tokens, prompt_logprobs=self._take_prompt_lps(seq))))
 
     def _finish(self, seq: Sequence, reason: str, out, *, text: str = "", token_ids=None, logprobs=None,
                 error: str | None = None) -> None:
@@ -613,7 +650,15 @@ class Engine:
         out.append((seq, TokenEvent(text=text, token_ids=token_ids or [], logprobs=logprobs or [],
                                     finish_reason=reason, prompt_tokens=seq.prompt_len,
                                     completion_tokens=len(seq.output_ids), cached_tokens=seq.cached_tokens,
-                                    error=error)))
+                                    error=error, prompt_logprobs=None if error else self._take_prompt_lps(seq))))
+
+    @staticmethod
+    def _take_prompt_lps(seq: Sequence):
+        """The prompt's logprobs, once, on the request's first event."""
+        if seq.prompt_lps is None or seq.prompt_lps_sent:
+            return None
+        seq.prompt_lps_sent = True
+        return seq.prompt_lps
 
     @staticmethod
     def _deliver(out: list[tuple[Sequence, TokenEvent]]) -> None:

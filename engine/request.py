@@ -28,6 +28,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
     min_tokens: int = 0                    # EOS is masked until this many tokens (benchmarks)
     ignore_eos: bool = False
+    prompt_logprobs: int | None = None     # None: off; N: each prompt token's logprob (+ N alternatives)
 
     @property
     def greedy(self) -> bool:
@@ -99,3 +100,6 @@ class TokenEvent:
     completion_tokens: int = 0
     cached_tokens: int = 0          # prompt tokens reused from the prefix cache
     error: str | None = None
+    # with SamplingParams.prompt_logprobs, on a request's first event: one entry per prompt token
+    # (None for the first, which nothing predicts)
+    prompt_logprobs: list[TokenLogprob | None] | None = None

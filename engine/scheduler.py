@@ -43,6 +43,8 @@ class Sequence:
     mm_key: tuple | None = None               # (first image token, images' digest): the prefix-cache key
     mrope_prompt: object = None               # M-RoPE models: the prompt's [3, L] positions (with images)
     mrope_delta: int = 0                      # and how far later positions are shifted
+    prompt_lps: list | None = None            # prompt logprobs computed so far (when asked for)
+    prompt_lps_sent: bool = False
     start_order: int = 0                      # when it last got KV: the newest is preempted first
     # decode
     output_ids: list[int] = field(default_factory=list)

@@ -398,3 +398,51 @@ def test_a_fault_in_the_shared_forward_fails_that_step_and_the_engine_serves_on(
     assert result(asyncio.run(collect(engine, ids, greedy))) == alone
     if engine.packed:
         assert engine.stats["kv_blocks_used"] == 0
+
+
+@pytest.fixture(scope="module")
+def chunked_engine(tiny_model_dir):
+    eng = make_engine(tiny_model_dir, prefill_chunk=16)
+    yield eng
+    eng.stop()
+
+
+def test_prompt_logprobs_equal_log_softmax_of_the_model_logits_alone_and_in_a_busy_batch(chunked_engine):
+    """Scoring a prompt (max_tokens 0) returns log_softmax of the model's own logits at every
+    position, over several prefill chunks, alone or beside decoding rows; generation after scoring
+    is unchanged."""
+    import torch
+    engine = chunked_engine
+    assert engine.scores_prompts
+    ids = prompt_ids(engine, " ".join(PROMPTS))
+    assert len(ids) > 3 * 16
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.tensor([ids])).logits[0].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    expected = [float(ref[p - 1, ids[p]]) for p in range(1, len(ids))]
+    scoring = SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=2)
+
+    def check(events):
+        assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 0
+        lps = events[0].prompt_logprobs
+        assert len(lps) == len(ids) and lps[0] is None
+        assert max(abs(e.logprob - x) for e, x in zip(lps[1:], expected)) < 1e-4
+        top = [e.top_logprobs for e in lps[1:]]
+        assert all(len(t) == 2 and abs(t[0].logprob - float(ref[i].max())) < 1e-4 for i, t in enumerate(top))
+
+    check(asyncio.run(collect(engine, ids, scoring)))
+
+    async def busy():   # decoding rows beside the scored prompt, a second scored prompt, one that generates
+        greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        return await asyncio.gather(collect(engine, ids, scoring, "s1"),
+                                    *[collect(engine, prompt_ids(engine, p), greedy, f"g{i}") for i, p in enumerate(PROMPTS[:4])],
+                                    collect(engine, ids, scoring, "s2"),
+                                    collect(engine, ids, greedy.replace(prompt_logprobs=0), "g-scored"))
+
+    results = asyncio.run(busy())
+    check(results[0])
+    check(results[5])
+    generated = results[6]
+    assert len(generated[0].prompt_logprobs) == len(ids)
+    assert result(generated) == result(asyncio.run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=20,
+                                                                                      ignore_eos=True))))
