@@ -7,7 +7,8 @@ Pieces:
   generate (EOS is handled separately as the only terminator).
 * :class:`ConstraintCompiler` -- one per model/tokenizer. ``compile(spec)`` turns a
   :class:`~engine.request.ConstraintSpec` into a :class:`CompiledConstraint` (regex ->
-  outlines_core ``Index``), with an LRU cache and a compile timeout.
+  outlines_core ``Index``), with an LRU cache, a complexity budget and a compile timeout;
+  the regex and the Index are built in a worker process (:mod:`engine.compile_worker`).
 * :class:`CompiledConstraint` -- shareable between requests; ``new_state()`` gives the
   per-request :class:`ConstraintState` the engine drives every step:
   ``mask_logits(row)`` before sampling, ``advance(token_id)`` after.
@@ -34,6 +35,39 @@ Completeness: every regex is compiled as ``(regex)END`` with a sentinel pseudo-t
 (see ``_END``) because outlines_core 0.2.14 cannot leave a final state through a
 non-final one; "complete" = "END could be consumed here".
 
+Limits (:class:`ConstraintLimits`; ``chatserve serve`` flags in brackets). A client's schema or
+tool set is compiled in a worker process, never in the server process, and is refused with
+ConstraintTooComplex (HTTP 400 ``schema_too_complex``, naming the limit) when it passes one of:
+
+* regex length [``--max-constraint-regex``, default 100,000 characters]: checked as soon as
+  outlines has written the regex (milliseconds), before any automaton is built. This is what
+  objects without required properties hit: outlines writes one alternative per property for
+  them, so their regex grows with the square of the property count, and building its automaton
+  dominates (50 optional properties: 92,283 characters, ~2.5 s; 150: 825,505 characters, 5-7 s
+  in the issue's report, 35 s on a shared 2-core machine; 300: 3.3 M characters). The message
+  names the object with the most optional properties.
+* automaton states [``--max-constraint-states``, default 500,000,000 / vocabulary size: 10,172
+  for a 49,152-token vocabulary, 3,898 for 128,256]: counted on an Index built with single-byte
+  tokens (milliseconds for ordinary schemas, ~0.7 s at the regex limit); building the real Index
+  walks the whole vocabulary from every state, ~0.25-0.6 ms per state at 49k tokens on one
+  core, so the default stops compiles of more than ~3-6 s. Long maxLength / maxItems, big
+  enums and many properties or tools are what add states (40 tools of 6 parameters: 5,568).
+* token transitions [``--max-constraint-transitions``, default 10,000,000, estimated from the
+  same probe]: a state inside a string allows nearly every token, and the server keeps every
+  transition of a cached constraint (~12 bytes each): three strings of maxLength 200 make
+  ~30 M transitions, ~360 MB and ~6 s; three of maxLength 60, ~8.9 M, are accepted.
+* time [``--compile-timeout``, default 10 s, the ``timeout`` argument of compile()]: the worker
+  is killed (SIGKILL) when it runs out; its CPU and memory are released at once.
+* memory [``--compile-memory-gb``, default 4]: each worker's address-space limit; a compile
+  that needs more fails its allocation and ends the worker (reported as too complex).
+* concurrency [``--compile-workers``, default 2]: compiles running at once, one core each;
+  others wait for a worker within their own timeout (429 ``compiler_busy`` when none frees).
+
+response_format json_object uses the server's fixed regex: no budget, and its compile is never
+killed (a caller whose timeout passes first gets ConstraintBusy, 429, and the result is cached
+for the retry); ``chatserve serve`` compiles it at start-up (``prewarm``).
+Compiled constraints are cached (LRU of 64), so a schema is compiled once per server.
+
 tool_choice="auto": the state is free text (no mask) and watches the decoded bytes for
 the family's trigger (``<tool_call>``; for llama3 a leading ``{`` or ``<|python_tag|>``).
 When it appears -- as one token, spelled in pieces, or ending inside the last token --
@@ -46,9 +80,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
+import pickle
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -56,13 +93,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.compile_worker import (CompilePool, CompilerBusy, CompilerUnavailable, CompileTimeout, WorkerDied,
+                                   default_pool)
 from engine.detokenize import byte_decoder
 from engine.request import ConstraintSpec
 from engine.tools import FAMILIES, detect_family, get_format, normalize_tools
 
 __all__ = [
-    "ConstraintError", "ConstraintTooComplex", "ConstraintViolation", "TokenVocab",
-    "get_token_vocab", "ConstraintCompiler", "CompiledConstraint", "ConstraintState",
+    "ConstraintError", "ConstraintTooComplex", "ConstraintBusy", "ConstraintViolation", "TokenVocab",
+    "get_token_vocab", "ConstraintLimits", "ConstraintCompiler", "CompiledConstraint", "ConstraintState",
     "DEFAULT_WHITESPACE", "build_json_object_regex",
 ]
 
@@ -80,9 +119,19 @@ class ConstraintError(ValueError):
 
 
 class ConstraintTooComplex(ConstraintError):
-    """Compilation did not finish within the timeout (``too_complex`` is True)."""
+    """The constraint is over a complexity limit, or its compilation did not finish within the
+    timeout or the worker's memory limit (``too_complex`` is True)."""
 
     too_complex = True
+
+
+class ConstraintBusy(ConstraintTooComplex):
+    """No compile worker came free within the timeout (the compiler is overloaded: retry after
+    ``retry_after`` seconds). A ConstraintTooComplex for callers that do not tell the two apart."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ConstraintViolation(RuntimeError):
@@ -155,7 +204,9 @@ class TokenVocab:
     base_map: dict
     byte_token: list
     decoder_kind: str
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex, repr=False)
     _oc_vocabs: dict = field(default_factory=dict, repr=False)
+    _payloads: dict = field(default_factory=dict, repr=False)
     _text_ids: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -194,6 +245,20 @@ class TokenVocab:
                 v = oc.Vocabulary(self.eos_token_ids[0], m)
                 self._oc_vocabs[key] = v
             return v
+
+    def outlines_payload(self, extra_ids: tuple[int, ...] = ()):
+        """(key, function returning the pickled outlines_vocabulary(extra_ids)): what a compile
+        worker needs to load this vocabulary (~0.6 MB for 49k tokens, pickled once)."""
+        key = tuple(sorted(set(extra_ids)))
+
+        def payload() -> bytes:
+            p = self._payloads.get(key)
+            if p is None:
+                p = pickle.dumps(self.outlines_vocabulary(key))
+                with self._lock:
+                    self._payloads[key] = p
+            return p
+        return f"{self.uid}:{','.join(map(str, key))}", payload
 
 
 _VOCAB_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -313,6 +378,7 @@ class CompiledConstraint:
         self.family = family
         self.tool_names = tool_names
         self.compile_seconds = compile_seconds
+        self.compile_stats: dict = {}   # worker timings / automaton size (probe_s, index_s, states)
         self.eos_token_ids = vocab.eos_token_ids
         self._eos_set = frozenset(vocab.eos_token_ids)
         self._oc_eos = vocab.eos_token_ids[0]
@@ -724,6 +790,55 @@ def build_json_object_regex(ws: str = DEFAULT_WHITESPACE) -> str:
     return obj(alt(scal, obj(alt(scal, arr(scal))), arr(alt(scal, obj(scal)))))
 
 
+@dataclass(frozen=True)
+class ConstraintLimits:
+    """The complexity budget of client constraints (see the module docstring, "Limits").
+
+    max_regex_chars: longest regex outlines may write for a schema / tool set (None or 0: no limit).
+    max_states: most automaton states; None: ``state_token_budget // vocabulary size``; 0: no limit.
+    max_transitions: most token transitions the Index may hold, estimated (None or 0: no limit).
+    """
+    max_regex_chars: int | None = 100_000
+    max_states: int | None = None
+    max_transitions: int | None = 10_000_000
+    state_token_budget: int = 500_000_000
+
+    def states_for(self, vocab_size: int) -> int | None:
+        if self.max_states is None:
+            return max(1, self.state_token_budget // max(1, vocab_size))
+        return self.max_states or None
+
+
+_JOB_GRACE = 30.0   # how long past its deadline a caller waits for a job to report (kill + reap)
+
+
+class _Job:
+    __slots__ = ("fut", "deadline", "timeout", "kind")
+
+    def __init__(self, deadline, timeout, kind):
+        self.fut = concurrent.futures.Future()
+        self.deadline = deadline
+        self.timeout = timeout
+        self.kind = kind
+
+
+def _optional_hotspot(schema, path: str = ""):
+    """(property count, path) of the object with the most properties and none required (the
+    shape whose outlines regex grows with the square of its size), or (0, "")."""
+    best = (0, "")
+    todo = [(schema, path)]
+    while todo:
+        node, p = todo.pop()
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict) and len(props) > best[0] and not node.get("required"):
+                best = (len(props), p or "/")
+            todo.extend((v, f"{p}/{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            todo.extend((v, f"{p}/{i}") for i, v in enumerate(node))
+    return best
+
+
 class ConstraintCompiler:
     """Compiles ConstraintSpecs for one tokenizer (one per model).
 
@@ -737,17 +852,21 @@ class ConstraintCompiler:
       complete calls only EOS is allowed; one more can slip through only when a single
       token ends one call and starts the next).
     cache_size: LRU size (compiled constraints).
-    max_abandoned: how many timed-out compilations may still be running in background
-      threads before new compilations are refused.
+    max_abandoned: kept for compatibility; unused (a compile past its timeout is killed, none
+      keeps running).
     json_object_regex: override the regex used for kind "json_object"
       (default :func:`build_json_object_regex`).
+    limits: the complexity budget (:class:`ConstraintLimits`; default: its defaults).
+    pool: the compile worker pool (default: the process-wide
+      :func:`engine.compile_worker.default_pool`).
     """
 
     def __init__(self, tokenizer, *, vocab_size: int | None = None, eos_token_ids=None,
                  family: str | None = None,
                  whitespace_pattern: str = DEFAULT_WHITESPACE, max_parallel_calls: int = 8,
                  cache_size: int = 64, max_abandoned: int = 4,
-                 json_object_regex: str | None = None):
+                 json_object_regex: str | None = None, limits: ConstraintLimits | None = None,
+                 pool: CompilePool | None = None):
         self.tokenizer = tokenizer
         self.vocab = get_token_vocab(tokenizer, eos_token_ids)
         # the model's logits size (may exceed the tokenizer's); masks are sized from the
@@ -760,23 +879,32 @@ class ConstraintCompiler:
         self.max_parallel_calls = max(1, int(max_parallel_calls))
         self.cache_size = cache_size
         self.max_abandoned = max_abandoned
+        self.limits = limits or ConstraintLimits()
+        self.pool = pool or default_pool()
         self._cache: OrderedDict = OrderedDict()
         self._inflight: dict = {}
-        self._abandoned: set = set()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        # a warm worker with this vocabulary loaded, so the first compile pays no start-up
+        self.pool.ensure_warm(self.vocab.outlines_payload())
+
+    def configure(self, *, limits: ConstraintLimits | None = None, workers: int | None = None,
+                  worker_memory_bytes: int | None | bool = False) -> None:
+        """Set the complexity budget and the worker pool's size / memory limit (None: none)."""
+        if limits is not None:
+            self.limits = limits
+        self.pool.configure(max_workers=workers, memory_limit=worker_memory_bytes)
 
     # -- public --------------------------------------------------------------------
     def compile(self, spec: ConstraintSpec, timeout: float | None = 10.0) -> CompiledConstraint:
         """Compile (or fetch from the cache) a constraint.
 
         Raises ConstraintError (bad spec / schema / unsupported feature) or
-        ConstraintTooComplex (not done within ``timeout`` seconds). On timeout the worker
-        thread cannot be stopped (outlines_core's Rust code releases the GIL but has no
-        cancellation); it keeps running in the background and, if it finishes, its result
-        lands in the cache, so a retry of the same spec is then instant. A retry while it
-        is still running waits on the same thread instead of starting another one.
+        ConstraintTooComplex (over a complexity limit, or not done within ``timeout``
+        seconds: then the worker process compiling it has been killed, nothing keeps running;
+        ConstraintBusy when no worker came free in time). A retry of a spec that is still
+        compiling waits on the same compilation instead of starting another one.
         """
         key = self._key(spec)
         with self._lock:
@@ -786,6 +914,8 @@ class ConstraintCompiler:
                 self.hits += 1
                 return hit
         key, build = self._plan(spec)      # validation only on a miss
+        timeout = timeout if timeout and timeout > 0 else None
+        deadline = time.monotonic() + timeout if timeout else None
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -793,91 +923,142 @@ class ConstraintCompiler:
                 self.hits += 1
                 return hit
             self.misses += 1
-            fut = self._inflight.get(key)
-            if fut is None:
-                if len(self._abandoned) >= self.max_abandoned:
-                    raise ConstraintTooComplex(
-                        "schema too complex: too many earlier constraint compilations are "
-                        "still running; try again later or simplify the schema")
-                fut = concurrent.futures.Future()
-                self._inflight[key] = fut
-                threading.Thread(target=self._worker, args=(key, build, fut), daemon=True,
+            job = self._inflight.get(key)
+            if job is None:
+                # json_object is the server's own regex (bounded, once per server, but ~3x longer
+                # on 128k vocabularies): it is never killed, a caller's timeout only stops waiting
+                job = _Job(None if spec.kind == "json_object" else deadline, timeout, spec.kind)
+                self._inflight[key] = job
+                threading.Thread(target=self._worker, args=(key, build, job), daemon=True,
                                  name="constraint-compile").start()
+        if job.deadline is not None and (deadline is None or job.deadline <= deadline):
+            # the job ends by its own deadline (its worker killed): wait for that, so that on
+            # return nothing of it is left running
+            wait = max(0.0, job.deadline - time.monotonic()) + _JOB_GRACE
+        else:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            return fut.result(timeout=timeout if timeout and timeout > 0 else None)
+            return job.fut.result(timeout=wait)
         except concurrent.futures.TimeoutError:
-            with self._lock:
-                if not fut.done():
-                    self._abandoned.add(key)
+            # the job goes on (json_object, a prewarm, another caller's longer timeout)
+            if spec.kind == "json_object":
+                raise ConstraintBusy(
+                    "the json_object constraint is still being compiled (once per server); retry "
+                    "in a few seconds", retry_after=max(1, math.ceil(timeout or 1))) from None
             raise ConstraintTooComplex(
                 f"schema too complex: compiling the {spec.kind} constraint took longer "
                 f"than {timeout:g}s") from None
 
     def prewarm(self, specs=None) -> None:
-        """Start compiling ``specs`` (default: json_object) in background threads and
-        return at once; a later compile() of the same spec waits for / reuses it."""
+        """Start compiling ``specs`` (default: json_object), with no timeout, and return at
+        once; a later compile() of the same spec waits for / reuses it."""
         for spec in specs or [ConstraintSpec(kind="json_object")]:
             key, build = self._plan(spec)
             with self._lock:
                 if key in self._cache or key in self._inflight:
                     continue
-                fut = concurrent.futures.Future()
-                self._inflight[key] = fut
-                threading.Thread(target=self._worker, args=(key, build, fut), daemon=True,
+                job = _Job(None, None, spec.kind)
+                self._inflight[key] = job
+                threading.Thread(target=self._worker, args=(key, build, job), daemon=True,
                                  name="constraint-prewarm").start()
 
     def cache_info(self) -> dict:
         with self._lock:
-            return {"size": len(self._cache), "max": self.cache_size, "hits": self.hits,
-                    "misses": self.misses, "inflight": len(self._inflight),
-                    "abandoned": len(self._abandoned)}
+            info = {"size": len(self._cache), "max": self.cache_size, "hits": self.hits,
+                    "misses": self.misses, "inflight": len(self._inflight), "abandoned": 0}
+        info["pool"] = self.pool.info()
+        return info
 
     # -- internals -----------------------------------------------------------------
-    def _worker(self, key, build, fut) -> None:
+    def _worker(self, key, build, job: _Job) -> None:
         t0 = time.perf_counter()
+        result = None
         try:
-            result = build()
+            result = build(job.deadline)
             result.compile_seconds = time.perf_counter() - t0
         except ConstraintError as e:
             err: BaseException = e
-            result = None
+        except CompileTimeout:
+            err = ConstraintTooComplex(
+                f"schema too complex: compiling the {job.kind} constraint took longer than "
+                f"{job.timeout:g}s (server limit --compile-timeout)")
+        except CompilerBusy as e:
+            err = ConstraintBusy(
+                f"the constraint compiler is busy: {e} for {job.timeout:g}s; retry later",
+                retry_after=max(1, math.ceil(job.timeout or 1)))
+        except WorkerDied as e:
+            err = ConstraintTooComplex(
+                f"schema too complex: compiling the {job.kind} constraint failed: {e}")
+        except CompilerUnavailable as e:    # a server fault: not a ConstraintError (a 500 upstream)
+            err = e
         except BaseException as e:          # incl. pyo3 PanicException (a BaseException)
             err = ConstraintError(f"could not compile the constraint: {e}")
-            result = None
         with self._lock:
             self._inflight.pop(key, None)
-            self._abandoned.discard(key)
             if result is not None:
                 self._cache[key] = result
                 self._cache.move_to_end(key)
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         if result is not None:
-            fut.set_result(result)
+            job.fut.set_result(result)
         else:
-            fut.set_exception(err)
+            job.fut.set_exception(err)
 
-    def _schema_regex(self, schema: dict, what: str) -> str:
-        from outlines_core.json_schema import build_regex_from_schema
-        schema = enforceable_schema(schema, what)
-        try:
-            return build_regex_from_schema(_canonical(schema), self.ws)
-        except BaseException as e:  # ValueError, or a Rust panic
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConstraintError(f"unsupported {what}: {msg}") from None
+    def _schema_regexes(self, schemas: list, whats: list[str], deadline, where: str) -> list[str]:
+        """outlines regexes of (enforceable) schemas, written in a worker; ConstraintTooComplex
+        as soon as their total length passes the limit."""
+        limit = self.limits.max_regex_chars or None
+        status, payload = self.pool.call(
+            ("regexes", [_canonical(s) for s in schemas], self.ws, limit), deadline)
+        if status == "ok":
+            return payload
+        if status == "schema_error":
+            i, msg = payload
+            raise ConstraintError(f"unsupported {whats[i]}: {msg}")
+        if status == "limit":
+            _, total, _i = payload
+            msg = (f"schema too complex: {where} compiles to a regex of at least {total:,} "
+                   f"characters; the limit is {limit:,} (server limit --max-constraint-regex)")
+            (n, path), w = max(((_optional_hotspot(s), w) for s, w in zip(schemas, whats)),
+                               key=lambda t: t[0][0])
+            if n >= 8:
+                msg += (f". The largest cost is the object at {path} of the {w}: {n} properties, "
+                        "none required; outlines writes one alternative per property of such an "
+                        "object, so its regex grows with the square of the property count: mark "
+                        "properties required, or use fewer")
+            raise ConstraintTooComplex(msg)
+        raise ConstraintError(f"could not compile the constraint: {payload}")
 
-    def _index(self, regex: str, extra_ids=()):
-        import outlines_core as oc
-        try:
-            return oc.Index("(" + regex + ")" + _END,
-                            self.vocab.outlines_vocabulary(tuple(extra_ids)))
-        except BaseException as e:
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConstraintError(f"could not compile the constraint: {msg}") from None
+    def _index(self, regex: str, extra_ids=(), deadline=None, what: str = "the constraint",
+               budget: bool = True):
+        """(outlines_core Index of ``(regex)END``, stats), built in a worker process within
+        ``deadline``; ``budget``: check the state / transition limits first."""
+        lim = self.limits
+        size = self.vocab.size
+        max_states = lim.states_for(size) if budget else None
+        max_trans = (lim.max_transitions or None) if budget else None
+        vocab = self.vocab.outlines_payload(tuple(extra_ids))
+        status, payload = self.pool.call(
+            ("index", vocab[0], "(" + regex + ")" + _END, _END.encode("utf-8"), SENTINEL_ID, size,
+             max_states, max_trans), deadline, vocab=vocab)
+        if status == "ok":
+            return payload
+        if status == "limit":
+            which, n, limit = payload
+            if which == "states":
+                msg = (f"schema too complex: {what} compiles to an automaton of {n:,} states; the "
+                       f"limit is {limit:,} for this {size:,}-token vocabulary (server limit "
+                       "--max-constraint-states). Long maxLength / maxItems / minItems, big enums "
+                       "and many properties are what add states")
+            else:
+                msg = (f"schema too complex: {what} would need a token index of about {n:,} "
+                       f"transitions; the limit is {limit:,} (server limit "
+                       "--max-constraint-transitions). Every character a string may still take "
+                       "(maxLength) is a state that allows nearly every token")
+            raise ConstraintTooComplex(msg)
+        msg = payload if isinstance(payload, str) else str(payload)
+        raise ConstraintError(f"could not compile the constraint: {msg}")
 
     def _key(self, spec: ConstraintSpec):
         """Cache key from the raw spec (no validation); None if not JSON-serialisable."""
@@ -896,26 +1077,32 @@ class ConstraintCompiler:
 
     def _plan(self, spec: ConstraintSpec):
         """Validate the spec (in the caller's thread) and return
-        (cache key, build function run in the worker thread)."""
+        (cache key, build(deadline) run in a compile thread, the heavy part in a worker)."""
         kind = getattr(spec, "kind", None)
         key = self._key(spec)
         if key is None and kind in ("json_object", "json_schema", "tools"):
             raise ConstraintError(f"{kind} constraint is not valid JSON")
         if kind == "json_object":
-            def build():
+            def build(deadline):
                 rx = self.json_object_regex
-                return CompiledConstraint(kind=kind, mode="full", vocab=self.vocab,
-                                          index=self._index(rx), regex=rx)
+                # the server's own regex: the timeout applies, the client budget does not
+                index, stats = self._index(rx, (), deadline, "json_object", budget=False)
+                c = CompiledConstraint(kind=kind, mode="full", vocab=self.vocab, index=index, regex=rx)
+                c.compile_stats = stats
+                return c
             return key, build
         if kind == "json_schema":
             schema = spec.schema
             _check_schema(schema, "response_format json_schema")
             _check_representable(schema, "response_format json_schema")
+            schema = enforceable_schema(schema, "JSON schema")
 
-            def build():
-                rx = self._schema_regex(schema, "JSON schema")
-                return CompiledConstraint(kind=kind, mode="full", vocab=self.vocab,
-                                          index=self._index(rx), regex=rx)
+            def build(deadline):
+                rx, = self._schema_regexes([schema], ["JSON schema"], deadline, "the JSON schema")
+                index, stats = self._index(rx, (), deadline, "the JSON schema")
+                c = CompiledConstraint(kind=kind, mode="full", vocab=self.vocab, index=index, regex=rx)
+                c.compile_stats = stats
+                return c
             return key, build
         if kind == "tools":
             return key, self._plan_tools(spec)
@@ -951,8 +1138,8 @@ class ConstraintCompiler:
             raise ConstraintError("tool_choice must be 'auto', 'required', 'none' or a tool name")
         fam = self.family
         if choice == "none":
-            return lambda: CompiledConstraint(kind="tools", mode="free", vocab=self.vocab,
-                                                   family=fam, tool_names=tuple(names))
+            return lambda deadline: CompiledConstraint(kind="tools", mode="free", vocab=self.vocab,
+                                                       family=fam, tool_names=tuple(names))
         if choice in ("auto", "required"):
             allowed = names
         elif choice in params:
@@ -960,14 +1147,17 @@ class ConstraintCompiler:
         else:
             raise ConstraintError(f"tool_choice names an unknown function {choice!r} "
                                   f"(defined: {', '.join(names)})")
+        whats = [f"parameters schema of tool {n!r}" for n in allowed]
+        schemas = [enforceable_schema(params[n], w) for n, w in zip(allowed, whats)]
         parallel = bool(spec.parallel_tool_calls)
         mode = "triggered" if choice == "auto" else "full"
-        def build():
+
+        def build(deadline):
             fmt = FAMILIES[fam]
             ws = self.ws
             bodies = []
-            for n in allowed:
-                args_rx = self._schema_regex(params[n], f"parameters schema of tool {n!r}")
+            for n, args_rx in zip(allowed, self._schema_regexes(schemas, whats, deadline,
+                                                                  "the tool set")):
                 bodies.append(
                     r"\{" + ws + r'"name"' + ws + ":" + ws
                     + _re_escape(json.dumps(n, ensure_ascii=False)) + ws + "," + ws
@@ -990,12 +1180,14 @@ class ConstraintCompiler:
                         extra.append(tid)
                     if tag in fmt.triggers:
                         trig_ids[tag.encode("utf-8")] = tid
-            index = self._index(rx, extra)
-            return CompiledConstraint(
+            index, stats = self._index(rx, extra, deadline, "the tool set")
+            c = CompiledConstraint(
                 kind="tools", mode=mode, vocab=self.vocab, index=index, regex=rx,
                 max_calls=self.max_parallel_calls if parallel else 1,
                 triggers=tuple(t.encode("utf-8") for t in fmt.triggers),
                 triggers_at_start_only=fmt.triggers_at_start_only,
                 trigger_token_ids=trig_ids, tag_token_ids=extra, family=fam,
                 tool_names=tuple(allowed))
+            c.compile_stats = stats
+            return c
         return build

@@ -222,3 +222,12 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class Health(BaseModel):
+    """GET /health: "ok" with the engine's load and counters, or (a 503) "unavailable" alone."""
+    status: Literal["ok", "unavailable"]
+    model: str | None = None
+    running: int | None = None
+    waiting: int | None = None
+    stats: dict[str, int | float] | None = None

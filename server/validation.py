@@ -35,6 +35,8 @@ class ValidatedRequest:
     prompt_ids: list[int] = field(default_factory=list)
     constraint: ConstraintSpec | None = None
     tools: list[dict] | None = None
+    images: list = field(default_factory=list)    # decoded images (server/media.py), in message order
+    multimodal: object = None                     # the engine's MultimodalInputs for them (opaque here)
 
 
 def _loc(err: dict) -> str:
@@ -82,19 +84,32 @@ def _range(name: str, value, lo, hi, *, lo_open=False) -> None:
                           code="invalid_value")
 
 
-def _check_messages(req: ChatCompletionRequest, accepts_images: bool) -> list[dict]:
+def _check_messages(req: ChatCompletionRequest, accepts_images: bool, max_images: int) -> list[dict]:
     if not req.messages:
         raise bad_request("messages must be a non-empty list", param="messages", code="invalid_value")
     out = []
+    images = 0
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise bad_request(f"messages[{i}].role must be one of {sorted(ROLES)}; got {m.role!r}",
                               param=f"messages[{i}].role", code="invalid_value")
         if isinstance(m.content, list):
+            if not m.content:   # OpenAI refuses an empty array too; a list of empty text parts is fine
+                raise bad_request(f"messages[{i}].content must not be an empty list",
+                                  param=f"messages[{i}].content", code="invalid_value")
             for j, part in enumerate(m.content):
-                if part.type == "image_url" and not accepts_images:
+                if part.type != "image_url":
+                    continue
+                if not accepts_images:
                     raise bad_request("this model does not accept images (it is a text-only model)",
                                       param=f"messages[{i}].content[{j}]", code="image_input_not_supported")
+                if m.role != "user":
+                    raise bad_request(f"messages[{i}]: images may only be sent in user messages, not {m.role!r}",
+                                      param=f"messages[{i}].content[{j}]", code="invalid_value")
+                images += 1
+                if images > max_images:
+                    raise bad_request(f"a request may hold at most {max_images} images",
+                                      param=f"messages[{i}].content[{j}]", code="too_many_images")
         if m.role == "tool" and m.tool_call_id is None:
             raise bad_request(f"messages[{i}]: a tool message needs tool_call_id",
                               param=f"messages[{i}].tool_call_id", code="missing_field")
@@ -120,8 +135,9 @@ def _token_id(key: str) -> int | None:
     return int(digits) if len(digits) <= 18 else None
 
 
-def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: bool = False) -> ValidatedRequest:
-    messages = _check_messages(req, accepts_images)
+def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: bool = False,
+             max_images: int = 8) -> ValidatedRequest:
+    messages = _check_messages(req, accepts_images, max_images)
 
     if req.n is not None and req.n != 1:
         raise bad_request("only n=1 is supported", param="n", code="invalid_value")
@@ -228,7 +244,9 @@ def _response_format(rf: dict | None) -> ConstraintSpec | None:
             raise bad_request("response_format.json_schema.name is required",
                               param="response_format.json_schema.name", code="missing_field")
         schema = js.get("schema")
-        if schema is None:
+        # {} allows any JSON value, and a JSON object is one (TGI's shape above does the same):
+        # compiling {} itself runs outlines past the compile timeout, a 400 for a valid request
+        if schema is None or schema == {}:
             return ConstraintSpec(kind="json_object")
         _check_schema(schema, "response_format.json_schema.schema", "response_format.json_schema.schema")
         return ConstraintSpec(kind="json_schema", schema=schema)
@@ -287,8 +305,8 @@ def render_and_fit(v: ValidatedRequest, engine) -> None:
     """
     ctx = engine.max_model_len
     try:
-        v.prompt_ids = engine.render_prompt(v.messages, tools=v.tools, tool_prompt=v.wire.tool_prompt,
-                                            context_length=ctx)
+        v.prompt_ids, v.multimodal = engine.prepare_prompt(v.messages, v.images, tools=v.tools,
+                                                           tool_prompt=v.wire.tool_prompt, context_length=ctx)
     except PromptTooLong as exc:
         raise bad_request(str(exc), param=exc.param, code="context_length_exceeded") from None
     except PromptError as exc:
