@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,12 @@ def test_unknown_config_keys_are_refused(tmp_path):
     cfg.write_text("prefix_cache_gb: 1\n")
     with pytest.raises(SystemExit, match="prefix_cache_gb"):
         settings(["--config", str(cfg)])
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_in_configs_is_a_valid_settings_file(preset):
+    s = settings(["--config", str(CONFIGS / preset)])
+    assert s["model"] and s["dtype"] in ("auto", "float32", "bfloat16", "float16")
