@@ -3,6 +3,7 @@
 #   make serve            # create .venv, install, fetch SmolLM2-135M-Instruct, serve on 127.0.0.1:8000
 #   make serve PORT=8123 MODEL=/path/to/model ARGS="--api-key secret"
 #   make test             # same install, then pytest (PYTEST_ARGS="-k foo -x" to narrow)
+#   make browser          # Debian's chromium for the playground's browser tests (make test runs it)
 #   make bench            # same install, then benchmarks/run_all.py $(ARGS)
 #   make clean            # remove the venv and caches
 #
@@ -30,7 +31,7 @@ STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: venv serve test bench clean
+.PHONY: venv serve test bench clean browser
 
 venv: $(STAMP)
 
@@ -58,8 +59,20 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/chatserve serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+# Chromium for tests/test_playground.py (Playwright drives it with executable_path; `playwright install`
+# is never run). Needs root or passwordless sudo and apt; if it cannot be installed, those tests skip
+# and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else echo ">> chromium not found and no root to install it: the playground browser tests will skip"; exit 0; fi; \
+	  command -v apt-get >/dev/null 2>&1 || { echo ">> chromium not found and no apt-get: the playground browser tests will skip"; exit 0; }; \
+	  echo ">> installing chromium (Debian package) for the playground browser tests"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1 \
+	    || echo ">> could not install chromium: the playground browser tests will skip"; }
 
 bench: $(STAMP)
 	$(VENV_PY) benchmarks/run_all.py $(ARGS)

