@@ -409,7 +409,8 @@ class ToolCallStreamParser:
     dropped. A call whose opener is not followed by a well-formed call header is
     released as content. A call truncated by the end of the reply is still reported
     (name + partial arguments) -- the constraint engine prevents that except on
-    max_tokens.
+    max_tokens; one cut off before its name, or inside its close tag, leaves nothing
+    in the content.
     """
 
     def __init__(self, family: str = "generic"):
@@ -545,6 +546,12 @@ class ToolCallStreamParser:
             if call.name is not None and not call.error:
                 self._started = True
                 out.append(("call_start", idx, call.name))
+            elif final and not call.done and not call.error and self._call_raw_prefix:
+                # an opener and the start of a well-formed header, cut off by the end of the reply
+                # (max_tokens): an unfinished call, not text the model meant to say
+                self._call = None
+                self._pre_call_ws = ""
+                return
             elif call.error or (final and not call.done) or (call.done and call.name is None):
                 self._abort_call(out)
                 return
@@ -625,8 +632,12 @@ class ToolCallStreamParser:
             self._buf = s[len(tag):]
             self._finish_call(out)
             return True
-        if tag.startswith(s) and not final:
-            return False                    # undecided (e.g. "</tool_")
+        if tag.startswith(s):
+            if not final:
+                return False                # undecided (e.g. "</tool_")
+            self._close_buf = ""            # the reply ended inside the close tag (max_tokens): drop it
+            self._finish_call(out)
+            return True
         self._buf = self._close_buf
         self._close_buf = ""
         self._finish_call(out)

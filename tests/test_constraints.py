@@ -813,8 +813,19 @@ def test_truncated_call_reported():
     content, calls = parse_tool_calls('<tool_call>\n{"name": "search", "arguments": {"qu',
                                       "hermes")
     assert content is None and calls == [{"name": "search", "arguments": '{"qu'}]
-    # an opener with no call header at the end stays content
-    assert parse_tool_calls("Hi <tool_call>\n{\"na", "hermes") == ('Hi <tool_call>\n{"na', [])
+    # a reply cut off (max_tokens) inside an opener and the start of a call header: an unfinished call,
+    # not content (under a tool constraint nothing else can follow an opener)
+    assert parse_tool_calls("Hi <tool_call>\n{\"na", "hermes") == ("Hi", [])
+    # ... also after a complete call, and inside the close tag: no fragment leaks into content
+    first = '<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+    assert parse_tool_calls(first + '<tool_call>\n{"', "hermes") == (None, [{"name": "a", "arguments": '{"x": 1}'}])
+    assert parse_tool_calls(first[:-8], "hermes") == (None, [{"name": "a", "arguments": '{"x": 1}'}])
+    for cut in (first[:-8], first + "<tool_call>\n{\""):       # the same when streamed
+        p = ToolCallStreamParser("hermes")
+        events = [e for ch in cut for e in p.feed(ch)] + p.finish()
+        assert not [e for e in events if e[0] == "content"]
+    # an opener followed by something that is not a call header stays content
+    assert parse_tool_calls("Hi <tool_call> is a tag", "hermes") == ("Hi <tool_call> is a tag", [])
 
 
 # ---------------------------------------------------------------------------------------
