@@ -203,6 +203,8 @@ class Engine:
             self.stats["prefix_cache_hit_tokens"] += cached
         seq.started = True
         seq.start_order = next(self._start_order)
+        if seq.started_at is None:
+            seq.started_at = time.monotonic()
         return True
 
     def _encode_images(self, seq: Sequence) -> None:
@@ -322,6 +324,44 @@ class Engine:
     # ------------------------------------------------------------------ prompts / constraints
     def render_prompt(self, messages: list[dict], **kwargs) -> list[int]:
         return self.prompts.render(messages, **kwargs)
+
+    # plain-text prompts (/v1/completions): no chat template
+    def encode_text(self, text: str, context_length: int | None = None) -> tuple[list[int], list[int] | None]:
+        """A plain-text prompt as token ids, with the special tokens the tokenizer adds (a BOS, for
+        some models), and each token's character offset in ``text`` (None from a tokenizer that
+        gives no offsets). With context_length, text too long to fit is refused (PromptTooLong)
+        before tokenizing. Blocking: call it off the event loop."""
+        from .prompt import PromptTooLong
+        limit = self.prompts.max_prompt_chars(context_length) if context_length is not None else None
+        if limit is not None and len(text) > limit:
+            raise PromptTooLong(f"the prompt is {len(text)} characters, but this model's context length is "
+                                f"{context_length} tokens and none of its tokens covers more than "
+                                f"{self.prompts.max_chars_per_token} characters, so at most {limit} can fit",
+                                param="prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:   # e.g. a lone surrogate from a "\\ud800" JSON escape
+            raise PromptError(f"prompt is not valid Unicode: {exc.reason} at position {exc.start}",
+                              param="prompt") from None
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self.tokenizer(text)["input_ids"], None
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        # The tokens cover the text in order: a token starts where the one before it ended, or
+        # earlier when both hold bytes of one character. Byte-level tokenizers trim a token's
+        # leading space off its span, and tokens the tokenizer adds (a BOS) have empty spans.
+        offsets, end = [], 0
+        for start, stop in enc["offset_mapping"]:
+            offsets.append(min(start, end) if stop > start else end)
+            end = max(end, stop)
+        return enc["input_ids"], offsets
+
+    def decode_prompt(self, ids: list[int]) -> str:
+        """Token ids as text, special tokens included (a token-id prompt, echoed)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_texts(self, ids: list[int]) -> list[tuple[str, list[int]]]:
+        """Each token's text and raw bytes, as logprobs show them."""
+        return [self.texts.get(t) for t in ids]
 
     def prepare_prompt(self, messages: list[dict], images: list | None = None,
                        **kwargs) -> tuple[list[int], MultimodalInputs | None]:
@@ -615,7 +655,7 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         is_eos = token in self.eos_ids and not params.ignore_eos
-        if params.logprobs and not is_eos:
+        if params.logprobs and (not is_eos or params.eos_logprob):
             seq.pending_logprobs.append(logprob_entries(raw_lp, i, token, params.top_logprobs, self.texts))
         text, stopped = seq.stopper.feed("" if is_eos else seq.detok.add(token))
         finish = None
@@ -650,7 +690,8 @@ class Engine:
         out.append((seq, TokenEvent(text=text, token_ids=token_ids or [], logprobs=logprobs or [],
                                     finish_reason=reason, prompt_tokens=seq.prompt_len,
                                     completion_tokens=len(seq.output_ids), cached_tokens=seq.cached_tokens,
-                                    error=error, prompt_logprobs=None if error else self._take_prompt_lps(seq))))
+                                    error=error, prompt_logprobs=None if error else self._take_prompt_lps(seq),
+                                    queue_time=(seq.started_at or time.monotonic()) - seq.arrival)))
 
     @staticmethod
     def _take_prompt_lps(seq: Sequence):

@@ -29,6 +29,7 @@ class SamplingParams:
     min_tokens: int = 0                    # EOS is masked until this many tokens (benchmarks)
     ignore_eos: bool = False
     prompt_logprobs: int | None = None     # None: off; N: each prompt token's logprob (+ N alternatives)
+    eos_logprob: bool = False              # logprobs list the EOS that ends the text too (/v1/completions)
 
     @property
     def greedy(self) -> bool:
@@ -103,3 +104,4 @@ class TokenEvent:
     # with SamplingParams.prompt_logprobs, on a request's first event: one entry per prompt token
     # (None for the first, which nothing predicts)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    queue_time: float | None = None  # on the last event: seconds from arrival until the prefill began

@@ -45,6 +45,7 @@ class Sequence:
     mrope_delta: int = 0                      # and how far later positions are shifted
     prompt_lps: list | None = None            # prompt logprobs computed so far (when asked for)
     prompt_lps_sent: bool = False
+    started_at: float | None = None           # when it first got KV (its queue time ends)
     start_order: int = 0                      # when it last got KV: the newest is preempted first
     # decode
     output_ids: list[int] = field(default_factory=list)

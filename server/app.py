@@ -24,6 +24,8 @@ from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Ch
                        TopLogprob, Usage, PromptTokensDetails)
 from .toolcalls import ToolCallFramer, new_call_id, parse_tool_calls
 from .media import MediaLimits, load_images
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics, MetricsMiddleware
 from .playground import mount_playground
 from .validation import ValidatedRequest, parse_body, render_and_fit, validate
 
@@ -91,13 +93,14 @@ async def _until_disconnect(request: Request, coro):
 class APIKeyMiddleware:
     """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes)."""
 
-    def __init__(self, app, api_key: str, on_error):
+    def __init__(self, app, api_key: str, on_error, protect: tuple[str, ...] = ("/v1/",)):
         self.app = app
         self.key = api_key.encode()
         self.on_error = on_error
+        self.protect = protect
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(self.protect):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
@@ -119,13 +122,15 @@ def _constraint_param(spec) -> str:
 def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                served_names: set[str] | None = None, compile_timeout: float = 10.0,
                body_read_timeout: float | None = BODY_READ_TIMEOUT, media: MediaLimits | None = None,
-               playground: bool = True) -> FastAPI:
+               playground: bool = True, metrics: Metrics | None = None, protect_metrics: bool = False) -> FastAPI:
     app = FastAPI(title="chatserve", version=__version__)
     openapi.install(app, bearer_auth=bool(api_key))
     created = int(time.time())
     media_limits = media or MediaLimits()
     fingerprint = f"chatserve-{__version__}-{engine.loaded.device}-{engine.loaded.dtype}"
     names = {engine.model_name, engine.loaded.source} | (served_names or set())
+    metrics = metrics or Metrics({engine.model_name: engine})
+    app.state.draining = False   # set on SIGTERM (server/cli.py): new requests get 503, /ready says no
 
     def error_response(exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
@@ -149,8 +154,10 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         log.exception("unhandled error")
         return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
 
+    app.add_middleware(MetricsMiddleware, metrics=metrics, model=engine.model_name)
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=error_response)
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=error_response,
+                           protect=("/v1/", "/metrics") if protect_metrics else ("/v1/",))
     if playground:
         mount_playground(app)      # the browser page at / and /playground (server/playground.py)
 
@@ -161,6 +168,18 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             return {"status": "ok", "model": engine.model_name, "running": engine.num_running,
                     "waiting": engine.num_waiting, "stats": dict(engine.stats)}
         return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/ready", responses={200: {"description": "Every model is loaded and its engine loop runs."},
+                                  503: {"description": "Not ready: loading, engine down, or draining."}})
+    async def ready():
+        """Readiness (load balancers, Kubernetes): unlike /health, false while the server drains."""
+        if engine.alive and not app.state.draining:
+            return {"status": "ready", "models": [engine.model_name]}
+        return JSONResponse({"status": "draining" if app.state.draining else "unavailable"}, status_code=503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models", responses={**openapi.ok(ModelList, "The one model this server serves."),
                                       **openapi.errors(401)})
@@ -198,17 +217,25 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             raise APIError(408, f"the request body did not arrive within {body_read_timeout:g} s",
                            code="request_timeout", headers={"Connection": "close"}) from None
 
+    def _check_target(model_name: str | None) -> None:
+        """The request names this server's model (or none in particular), and the engine runs."""
+        if model_name is not None and model_name not in names and model_name not in ANY_MODEL:
+            raise APIError(404, f"model {model_name!r} not found; this server serves {engine.model_name!r}",
+                           param="model", code="model_not_found")
+        if not engine.alive:
+            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down; retry on another replica", code="shutting_down",
+                           retry_after=1)
+
     @app.post("/v1/chat/completions", openapi_extra=openapi.CHAT_REQUEST_BODY, responses={
         200: {"model": ChatCompletion, "content": openapi.CHAT_STREAM,
               "description": "The completion: one JSON object, or with `stream: true` a stream of chunks."},
         **openapi.errors(400, 401, 404, 408, 413, 429, 500, 503)})
     async def chat_completions(request: Request):
+        timer = metrics.timer(engine.model_name)
         wire = parse_body(await _read_body(request))
-        if wire.model is not None and wire.model not in names and wire.model not in ANY_MODEL:
-            raise APIError(404, f"model {wire.model!r} not found; this server serves {engine.model_name!r}",
-                           param="model", code="model_not_found")
-        if not engine.alive:
-            raise APIError(503, "the engine is not running", code="engine_unavailable")
+        _check_target(wire.model)
         v = validate(wire, vocab_size=engine.vocab_size, accepts_images=getattr(engine, "accepts_images", False),
                      max_images=media_limits.max_images)
         v.images = await load_images(v.messages, media_limits)
@@ -227,9 +254,10 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             await stream.aclose()
             log.info("%s client disconnected while queued; dropped", req.request_id)
             return Response(status_code=499)
+        timer.first()
         meta = dict(id=req.request_id, created=int(time.time()), model=engine.model_name,
                     system_fingerprint=fingerprint)
-        t0 = time.perf_counter()
+        t0 = timer   # times the request from its arrival; records its metrics when done
         if v.stream:
             return StreamingResponse(_stream(v, stream, first, meta, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -266,9 +294,11 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             raise APIError(500, first.error or "generation failed", code="engine_error")
         return first
 
-    def _done_log(meta, prompt_tokens, completion_tokens, finish, t0, stream: bool):
+    def _done_log(meta, last, timer, stream: bool):
+        timer.finish(last)
         log.info("%s done: stream=%s prompt_tokens=%d completion_tokens=%d finish=%s time=%.2fs",
-                 meta["id"], stream, prompt_tokens, completion_tokens, finish, time.perf_counter() - t0)
+                 meta["id"], stream, last.prompt_tokens, last.completion_tokens, last.finish_reason,
+                 time.perf_counter() - timer.arrival)
 
     async def _complete(request: Request, v: ValidatedRequest, stream, first, meta, t0):
         async def collect():
@@ -305,7 +335,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                             logprobs=ChoiceLogprobs(content=_logprobs_out(lps)) if v.params.logprobs else None,
                             finish_reason=finish)],
             usage=_usage(last))
-        _done_log(meta, last.prompt_tokens, last.completion_tokens, last.finish_reason, t0, False)
+        _done_log(meta, last, t0, False)
         out = body.model_dump(mode="json")
         if out["choices"][0]["message"]["tool_calls"] is None:
             del out["choices"][0]["message"]["tool_calls"]   # OpenAI omits it when there are none
@@ -352,7 +382,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                     break
                 event = await stream.__anext__()
             yield "data: [DONE]\n\n"
-            _done_log(meta, last.prompt_tokens, last.completion_tokens, last.finish_reason, t0, True)
+            _done_log(meta, last, t0, True)
         except asyncio.CancelledError:
             log.info("%s client disconnected after %d tokens; aborted", meta["id"], last.completion_tokens)
             raise
@@ -360,4 +390,8 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
+    # POST /v1/completions (server/completions.py; imported here, as it uses this module's helpers)
+    from .completions import add_completions
+    add_completions(app, engine, read_body=_read_body, check_target=_check_target, first_event=_first_event,
+                    fingerprint=fingerprint, metrics=metrics)
     return app

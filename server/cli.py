@@ -5,6 +5,8 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 
 SERVE_DEFAULTS = dict(model=None, revision=None, gguf_file=None, served_model_name=None, host="127.0.0.1", port=8000, device="auto",
                       dtype="auto", api_key=None, max_model_len=None, max_running=32, max_waiting=256,
@@ -13,6 +15,7 @@ SERVE_DEFAULTS = dict(model=None, revision=None, gguf_file=None, served_model_na
                       limit_images_per_request=8, max_image_bytes=20 * 2**20, max_image_pixels=40_000_000,
                       image_fetch_timeout=10.0, allowed_media_domains=None, log_level="info")
 SERVE_DEFAULTS.update(playground=True)     # the browser page at / and /playground
+SERVE_DEFAULTS.update(drain_timeout=30.0, protect_metrics=False)
 # constraint compiles (response_format json_schema / tools): see engine/constraints.py, "Limits"
 SERVE_DEFAULTS.update(compile_timeout=10.0, compile_workers=2, compile_memory_gb=4.0, max_constraint_regex=100_000,
                       max_constraint_states=None, max_constraint_transitions=10_000_000)
@@ -75,6 +78,11 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                         "keeps ~12 bytes per transition of every cached schema (default 10000000; 0: no limit)")
     p.add_argument("--no-playground", dest="playground", action="store_const", const=False,
                    help="do not serve the browser playground at / and /playground (the /v1 API is unchanged)")
+    p.add_argument("--drain-timeout", type=float,
+                   help="on SIGTERM: seconds running requests may take to finish while new ones get 503 and /ready "
+                        "says no; then exit 0 (default 30; a second SIGTERM exits at once)")
+    p.add_argument("--protect-metrics", dest="protect_metrics", action="store_const", const=True,
+                   help="with --api-key, require the key on /metrics too")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -121,7 +129,7 @@ def build_app(settings: dict):
                         allowed_domains=list(settings["allowed_media_domains"] or []))
     return create_app(engine, api_key=settings["api_key"], body_read_timeout=settings["body_read_timeout"],
                       media=media, compile_timeout=settings["compile_timeout"],
-                      playground=settings["playground"]), engine
+                      playground=settings["playground"], protect_metrics=settings["protect_metrics"]), engine
 
 
 def _configure_constraints(engine, settings: dict) -> None:
@@ -155,11 +163,53 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit(1) from None
     logging.getLogger("chatserve").info("serving %s on http://%s:%d/v1%s", engine.model_name, settings["host"],
                                         settings["port"], " (API key required)" if settings["api_key"] else "")
+    config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],
+                            timeout_graceful_shutdown=5)
+    server = DrainingServer(config, app, engine, settings["drain_timeout"])
     try:
-        uvicorn.run(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"])
+        server.run()
     finally:
         engine.stop()
     return 0
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but the first SIGTERM/SIGINT drains: new requests get 503 and /ready says no while
+        running ones finish (up to ``drain_timeout`` seconds), then the server exits as usual. A
+        second signal exits at once."""
+
+        def __init__(self, config, app, engine, drain_timeout: float):
+            super().__init__(config)
+            self.app, self.engine, self.drain_timeout = app, engine, drain_timeout
+            self.draining = False
+
+        def handle_exit(self, sig, frame):
+            if self.draining or not self.drain_timeout:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            self.app.state.draining = True
+            log = logging.getLogger("chatserve")
+            log.info("draining: %d running, %d waiting; new requests get 503 (up to %.0f s)",
+                     self.engine.num_running, self.engine.num_waiting, self.drain_timeout)
+
+            def drain():
+                deadline = time.monotonic() + self.drain_timeout
+                while time.monotonic() < deadline and (self.engine.num_running or self.engine.num_waiting):
+                    time.sleep(0.05)
+                left = self.engine.num_running + self.engine.num_waiting
+                log.info("drained%s; shutting down", f" ({left} requests cut off at the deadline)" if left else "")
+                self.should_exit = True
+
+            threading.Thread(target=drain, name="chatserve-drain", daemon=True).start()
+
+    return DrainingServer
+
+
+def DrainingServer(config, app, engine, drain_timeout):   # noqa: N802 (a class, built lazily: uvicorn imports late)
+    return _draining_server_class()(config, app, engine, drain_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

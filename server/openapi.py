@@ -1,17 +1,17 @@
 """The OpenAPI description of the routes, generated from the wire models in server/protocol.py.
 
-The chat route reads its raw body itself (to enforce the size limit and the read timeout while the
-bytes arrive, and to word its own JSON errors), so FastAPI sees no body parameter there and would
-document none. These helpers declare the request body and every response by hand, from the same
-pydantic models the route parses and serializes with, so /openapi.json tells clients (and fuzzers)
-what the route really takes and gives.
+The chat and completion routes read their raw body themselves (to enforce the size limit and the
+read timeout while the bytes arrive, and to word their own JSON errors), so FastAPI sees no body
+parameter there and would document none. These helpers declare the request body and every
+response by hand, from the same pydantic models the routes parse and serialize with, so
+/openapi.json tells clients (and fuzzers) what each route really takes and gives.
 """
 from __future__ import annotations
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from .protocol import ChatCompletionChunk, ChatCompletionRequest, ErrorResponse
+from .protocol import ChatCompletionChunk, ChatCompletionRequest, CompletionChunk, CompletionRequest, ErrorResponse
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
@@ -36,6 +36,7 @@ def _schemas() -> tuple[dict[str, dict], dict[str, dict]]:
     components/schemas (pydantic's default, "#/$defs/...", does not resolve in an OpenAPI document).
     """
     refs, defs = models_json_schema([(ChatCompletionRequest, "validation"), (ChatCompletionChunk, "serialization"),
+                                     (CompletionRequest, "validation"), (CompletionChunk, "serialization"),
                                      (ErrorResponse, "serialization")], ref_template=REF_TEMPLATE)
     return {model.__name__: ref for (model, _mode), ref in refs.items()}, defs.get("$defs", {})
 
@@ -57,26 +58,34 @@ def ok(model: type[BaseModel], description: str) -> dict:
     return {200: {"model": model, "description": description}}
 
 
-CHAT_REQUEST_BODY = {"requestBody": {
-    "required": True,
-    "content": {"application/json": {"schema": _REFS["ChatCompletionRequest"]}},
-}}
+def _request_body(model: str) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _REFS[model]}}}}
 
-# One server-sent event (OpenAPI before 3.2 has no itemSchema; tools read an event stream's `schema`
-# as the schema of each event, which 3.2 made official): `data` holds a ChatCompletionChunk as JSON,
-# or an ErrorResponse if generation fails after the stream began, and the last event is [DONE].
-CHAT_STREAM = {"text/event-stream": {"schema": {
-    "type": "object",
-    "description": "With `stream: true`, each server-sent event: one ChatCompletionChunk as JSON in `data` "
-                   "(or an ErrorResponse if generation fails after the stream began); the last event's "
-                   "`data` is `[DONE]`.",
-    "properties": {"data": {"anyOf": [
-        {"const": "[DONE]"},
-        {"type": "string", "contentMediaType": "application/json",
-         "contentSchema": {"anyOf": [_REFS["ChatCompletionChunk"], _REFS["ErrorResponse"]]}},
-    ]}},
-    "required": ["data"],
-}}}
+
+CHAT_REQUEST_BODY = _request_body("ChatCompletionRequest")
+COMPLETION_REQUEST_BODY = _request_body("CompletionRequest")
+
+
+def _event_stream(chunk: str) -> dict:
+    """One server-sent event (OpenAPI before 3.2 has no itemSchema; tools read an event stream's
+    `schema` as the schema of each event, which 3.2 made official): `data` holds a chunk as JSON, or
+    an ErrorResponse if generation fails after the stream began, and the last event is [DONE]."""
+    return {"text/event-stream": {"schema": {
+        "type": "object",
+        "description": f"With `stream: true`, each server-sent event: one {chunk} as JSON in `data` "
+                       "(or an ErrorResponse if generation fails after the stream began); the last event's "
+                       "`data` is `[DONE]`.",
+        "properties": {"data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [_REFS[chunk], _REFS["ErrorResponse"]]}},
+        ]}},
+        "required": ["data"],
+    }}}
+
+
+CHAT_STREAM = _event_stream("ChatCompletionChunk")
+COMPLETION_STREAM = _event_stream("CompletionChunk")
 
 
 def install(app, *, bearer_auth: bool = False) -> None:

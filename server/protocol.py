@@ -231,3 +231,66 @@ class Health(BaseModel):
     running: int | None = None
     waiting: int | None = None
     stats: dict[str, int | float] | None = None
+
+
+# ---------------------------------------------------------------- /v1/completions (OpenAI's legacy shape)
+class CompletionRequest(_Req):
+    """A plain-text completion: no chat template. ``prompt`` is a string, a list of strings, a list
+    of token ids, or a list of token-id lists; each prompt gets ``n`` choices of its own."""
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None               # refused (insertion is not supported)
+    max_tokens: int | None = None           # OpenAI's default: 16; 0 (with echo) scores the prompt only
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    best_of: int | None = None              # only n (no server-side choosing among samples)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = None             # 0..5: each token's logprob and its top alternatives
+    echo: bool | None = None                # the prompt before the completion (its logprobs too)
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # extensions (vLLM names)
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: one entry per token in each list. With echo the prompt's tokens come
+    first, and the first prompt token (nothing predicts it) has a null logprob and null alternatives."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]     # the top `logprobs` alternatives, and the token itself
+    text_offset: list[int]                          # each token's character offset in the choice's text
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

@@ -1,4 +1,5 @@
-"""Every check on a chat completion request, in one place: wire request -> engine request.
+"""Every check on a chat completion (and a plain completion) request, in one place: wire request
+-> engine request.
 
 Nothing reaches the engine unchecked; every problem becomes an APIError (4xx, OpenAI's shape)
 naming the offending field.
@@ -17,11 +18,13 @@ from engine.prompt import PromptError, PromptTooLong
 from engine.request import ConstraintSpec, SamplingParams
 
 from .errors import APIError, bad_request
-from .protocol import ChatCompletionRequest
+from .protocol import ChatCompletionRequest, CompletionRequest
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOP = 4
 MAX_TOP_LOGPROBS = 5
+MAX_N = 128                         # choices per prompt (OpenAI's limit)
+DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's max_tokens default for /v1/completions
 TOKEN_ID = re.compile(r"[0-9]+")    # ASCII digits only: str.isdigit() also takes "²" and "٣"
 
 
@@ -51,7 +54,11 @@ def _loc(err: dict) -> str:
     return "".join(parts) or None
 
 
-def parse_body(raw: bytes) -> ChatCompletionRequest:
+# fields whose type is a union: one message naming every shape they take, not one branch's complaint
+_SHAPES = {"prompt": "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"}
+
+
+def parse_body(raw: bytes, model: type[ChatCompletionRequest | CompletionRequest] = ChatCompletionRequest):
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:   # RecursionError: nested too deep
@@ -59,13 +66,16 @@ def parse_body(raw: bytes) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object", code="invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(data, strict=True)
+        return model.model_validate(data, strict=True)
     except ValidationError as exc:
         # the deepest error is the most specific one (e.g. a bad content part, not "expected a string")
         err = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
         param = _loc(err)
         if err["type"] == "missing":
             msg = f"missing required field: {param}"
+        elif param is not None and param.split("[")[0] in _SHAPES:
+            param = param.split("[")[0]
+            msg = _SHAPES[param]
         elif err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
             msg = f"{param}: unknown content part type (expected 'text' or 'image_url')"
         else:
@@ -141,10 +151,6 @@ def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: boo
 
     if req.n is not None and req.n != 1:
         raise bad_request("only n=1 is supported", param="n", code="invalid_value")
-    _range("temperature", req.temperature, 0.0, 2.0)
-    _range("top_p", req.top_p, 0.0, 1.0, lo_open=True)
-    _range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
-    _range("presence_penalty", req.presence_penalty, -2.0, 2.0)
     _range("top_logprobs", req.top_logprobs, 0, MAX_TOP_LOGPROBS)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs", code="invalid_value")
@@ -155,6 +161,21 @@ def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: boo
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"{name} must be at least 1; got {max_tokens}", param=name, code="invalid_value")
+    params = _sampling(req, vocab_size=vocab_size, max_tokens=max_tokens, logprobs=bool(req.logprobs),
+                       top_logprobs=req.top_logprobs or 0)
+    constraint, tools = _structured_output(req)
+    return ValidatedRequest(wire=req, messages=messages, params=params, stream=bool(req.stream),
+                            include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+                            constraint=constraint, tools=tools)
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest, *, vocab_size: int, max_tokens: int | None,
+              logprobs: bool, top_logprobs: int) -> SamplingParams:
+    """The fields chat and plain completions share, checked (OpenAI's ranges), as engine parameters."""
+    _range("temperature", req.temperature, 0.0, 2.0)
+    _range("top_p", req.top_p, 0.0, 1.0, lo_open=True)
+    _range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    _range("presence_penalty", req.presence_penalty, -2.0, 2.0)
     if req.min_tokens is not None and req.min_tokens < 0:
         raise bad_request("min_tokens must be at least 0", param="min_tokens", code="invalid_value")
     if req.seed is not None and not (-(2 ** 63) <= req.seed < 2 ** 64):
@@ -171,7 +192,6 @@ def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: boo
         raise bad_request("stream_options is only allowed when stream is true", param="stream_options",
                           code="invalid_value")
 
-    constraint, tools = _structured_output(req)
     logit_bias = {}
     for key, value in (req.logit_bias or {}).items():
         token_id = _token_id(key)
@@ -181,25 +201,130 @@ def validate(req: ChatCompletionRequest, *, vocab_size: int, accepts_images: boo
         _range(f"logit_bias[{key}]", value, -100.0, 100.0)
         logit_bias[token_id] = float(value)
 
-    temperature = 1.0 if req.temperature is None else req.temperature
-    seed = None if req.seed is None else req.seed % (2 ** 63)
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=max_tokens,
-        temperature=temperature,
+        temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        seed=seed,
+        seed=None if req.seed is None else req.seed % (2 ** 63),
         stop=stop,
         frequency_penalty=req.frequency_penalty or 0.0,
         presence_penalty=req.presence_penalty or 0.0,
-        logprobs=bool(req.logprobs),
-        top_logprobs=req.top_logprobs or 0,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
         logit_bias=logit_bias,
         min_tokens=req.min_tokens or 0,
         ignore_eos=bool(req.ignore_eos),
     )
-    return ValidatedRequest(wire=req, messages=messages, params=params, stream=bool(req.stream),
-                            include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
-                            constraint=constraint, tools=tools)
+
+
+# ---------------------------------------------------------------------------------- /v1/completions
+@dataclass
+class CompletionPrompt:
+    """One prompt of a completion request, as the engine takes it and as the reply echoes it."""
+    ids: list[int]
+    text: str | None = None                 # the prompt as text (echo): as sent, or its token ids decoded
+    offsets: list[int] | None = None        # each token's character offset in text (a text prompt)
+    source: str | list[int] = ""            # as sent
+
+
+@dataclass
+class ValidatedCompletion:
+    wire: CompletionRequest
+    prompts: list[CompletionPrompt]
+    params: SamplingParams                  # each choice's; choice i of a seeded request gets seed + i
+    n: int
+    echo: bool
+    logprobs: int | None                    # None: no logprobs; N: N alternatives per token
+    stream: bool
+    include_usage: bool
+
+
+def validate_completion(req: CompletionRequest, *, vocab_size: int, scores_prompts: bool = True,
+                        max_choices: int | None = None) -> ValidatedCompletion:
+    """The plain-completion fields, then the sampling fields chat shares. ``scores_prompts``: the
+    engine can return prompt logprobs and score without generating; ``max_choices``: the most
+    prompts x n the engine can ever hold at once (more could never be admitted)."""
+    if req.suffix:
+        raise bad_request("suffix is not supported (no insertion: send the text before the gap as the prompt)",
+                          param="suffix", code="unsupported_value")
+    prompt = req.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        sources = [prompt]                  # one text, or one list of token ids
+    else:
+        sources = list(prompt)
+    if not sources:
+        raise bad_request("prompt must not be an empty list", param="prompt", code="invalid_value")
+    for i, source in enumerate(sources):
+        if isinstance(source, list):
+            where = "prompt" if len(sources) == 1 and source is prompt else f"prompt[{i}]"
+            if not source:
+                raise bad_request(f"{where} must not be an empty list of token ids", param="prompt",
+                                  code="invalid_value")
+            bad = next((t for t in source if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise bad_request(f"{where} holds token id {bad}; token ids are between 0 and {vocab_size - 1}",
+                                  param="prompt", code="invalid_value")
+
+    n = 1 if req.n is None else req.n
+    _range("n", req.n, 1, MAX_N)
+    if req.best_of is not None and req.best_of != n:
+        raise bad_request(f"best_of must equal n ({n}): the server returns every sample it draws; got {req.best_of}",
+                          param="best_of", code="unsupported_value")
+    if max_choices is not None and len(sources) * n > max_choices:
+        raise bad_request(f"{len(sources)} prompts x n={n} is {len(sources) * n} sequences; this server runs and "
+                          f"queues at most {max_choices} at once", param="n" if n > 1 else "prompt",
+                          code="invalid_value")
+    _range("logprobs", req.logprobs, 0, MAX_TOP_LOGPROBS)
+    echo = bool(req.echo)
+    max_tokens = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
+    if max_tokens < 0 or (max_tokens == 0 and not echo):
+        raise bad_request(f"max_tokens must be at least 1 (0 only with echo, to score the prompt); got {max_tokens}",
+                          param="max_tokens", code="invalid_value")
+    scoring = echo and req.logprobs is not None
+    if (scoring or max_tokens == 0) and not scores_prompts:
+        raise bad_request("this server's engine runs the fallback path (--no-packed, or a model the paged step "
+                          "does not fit), which cannot return prompt logprobs or score without generating: "
+                          "echo with logprobs and max_tokens 0 are unavailable",
+                          param="echo", code="unsupported_value")
+
+    params = _sampling(req, vocab_size=vocab_size, max_tokens=max_tokens, logprobs=req.logprobs is not None,
+                       top_logprobs=req.logprobs or 0)
+    # OpenAI's legacy logprobs list every generated token, the EOS that ends the text too (harnesses
+    # score with echo and max_tokens 1 and drop the last entry as the generated one)
+    params.eos_logprob = req.logprobs is not None
+    if scoring:
+        params.prompt_logprobs = req.logprobs
+    prompts = [CompletionPrompt(ids=list(s) if isinstance(s, list) else [], source=s) for s in sources]
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    return ValidatedCompletion(wire=req, prompts=prompts, params=params, n=n, echo=echo, logprobs=req.logprobs,
+                               stream=bool(req.stream), include_usage=include_usage)
+
+
+def tokenize_and_fit(v: ValidatedCompletion, engine) -> None:
+    """Tokenize text prompts (no chat template), decode token-id prompts that are echoed, and check
+    each prompt (plus max_tokens) fits in the context window. Blocking: call it off the event loop."""
+    ctx = engine.max_model_len
+    many = len(v.prompts) > 1
+    for i, p in enumerate(v.prompts):
+        where = f"prompt[{i}]" if many else "prompt"
+        if isinstance(p.source, str):
+            try:
+                p.ids, p.offsets = engine.encode_text(p.source, context_length=ctx)
+            except PromptTooLong as exc:
+                raise bad_request(f"{where}: {exc}", param="prompt", code="context_length_exceeded") from None
+            except PromptError as exc:
+                raise bad_request(f"{where}: {exc}", param="prompt", code="invalid_prompt") from None
+            p.text = p.source
+            if not p.ids:
+                raise bad_request(f"{where} is empty: it has no tokens", param="prompt", code="invalid_value")
+        elif v.echo:
+            p.text = engine.decode_prompt(p.ids)
+        n, mt = len(p.ids), v.params.max_tokens
+        if n + mt > ctx:
+            more = f" and max_tokens is {mt} ({n + mt} in all). Lower max_tokens to at most {ctx - n}" \
+                if mt and n < ctx else ""
+            raise bad_request(f"this model's context length is {ctx} tokens; {where} is {n} tokens{more}.",
+                              param="max_tokens" if more else "prompt", code="context_length_exceeded")
 
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -10,7 +10,7 @@ tests/test_api_surface.py runs both briefly (this file's name keeps pytest from 
   exception is a bug (it would be a 500 on the wire).
 - schema: schemathesis, driven by the server's own /openapi.json, against a live server on the
   tiny model: no 5xx, every status and body as documented, every streamed chunk a valid
-  ChatCompletionChunk.
+  ChatCompletionChunk (CompletionChunk on /v1/completions).
 
 A finding here becomes a regression test in tests/test_api_surface.py (and a fix in server/).
 """
@@ -190,7 +190,9 @@ def run_validation_fuzz(engine, *, examples: int, derandomize: bool = True) -> C
 
 
 # ---------------------------------------------------------------------------------- schemathesis
-OPERATIONS = ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/chat/completions"]
+OPERATIONS = ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/chat/completions",
+              "POST /v1/completions"]
+CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "CompletionChunk"}   # streamed bodies
 ROLES = ["system", "developer", "user", "assistant"]
 MAX_TOKENS = 4     # generation stays cheap: the point is the request handling, not the text
 
@@ -235,6 +237,23 @@ def _steer(body: dict, draw) -> None:
         body.pop("stream_options", None)
 
 
+def _steer_completion(body: dict, draw) -> None:
+    """_steer for /v1/completions: a short prompt, a few choices, no refused fields (mostly)."""
+    if draw(st.booleans()):
+        body.pop("model", None)
+    if draw(st.booleans()):
+        body["prompt"] = draw(TEXT.filter(bool) | st.lists(st.sampled_from(["Hi", "Hello there", "1 2 3"]),
+                                                            min_size=1, max_size=3))
+    for key in ("suffix", "best_of"):
+        body.pop(key, None)
+    if not isinstance(body.get("n"), int) or not 1 <= body["n"] <= 3:
+        body.pop("n", None)
+    if draw(st.booleans()):
+        body["stream"] = True
+    if not body.get("stream"):
+        body.pop("stream_options", None)
+
+
 def doc_validator(doc: dict, name: str):
     """A validator for components/schemas/<name> of an OpenAPI 3.1 document (its refs resolve in doc)."""
     from jsonschema import Draft202012Validator
@@ -244,11 +263,11 @@ def doc_validator(doc: dict, name: str):
     return Draft202012Validator({"$ref": f"urn:openapi#/components/schemas/{name}"}, registry=registry)
 
 
-def check_event_stream(doc: dict, text: str, *, complete: bool = True) -> int:
-    """A streamed 200: `data: ` lines, each a ChatCompletionChunk as the document describes it (an
+def check_event_stream(doc: dict, text: str, *, complete: bool = True, chunk_model: str = "ChatCompletionChunk") -> int:
+    """A streamed 200: `data: ` lines, each a chunk_model as the document describes it (an
     ErrorResponse only as the last before [DONE]), ending in `data: [DONE]` unless the client
     stopped reading early (complete=False). Returns the chunk count."""
-    chunk, error = doc_validator(doc, "ChatCompletionChunk"), doc_validator(doc, "ErrorResponse")
+    chunk, error = doc_validator(doc, chunk_model), doc_validator(doc, "ErrorResponse")
     lines = [line for line in text.split("\n") if line]
     assert lines and all(line.startswith("data: ") for line in lines), lines[:3]
     payloads = [line[len("data: "):] for line in lines]
@@ -295,7 +314,7 @@ def run_schema_fuzz(schema, label: str, base_url: str, *, model_name: str, examp
         steer = not negative and data.draw(st.sampled_from([True, True, True, False]))   # hypothesis favours the first
         if isinstance(case.body, dict):
             if steer:
-                _steer(case.body, data.draw)
+                (_steer_completion if path == "/v1/completions" else _steer)(case.body, data.draw)
             _make_cheap(case.body)
         if case.path_parameters and steer and data.draw(st.booleans()):
             case.path_parameters["model_id"] = model_name
@@ -304,7 +323,8 @@ def run_schema_fuzz(schema, label: str, base_url: str, *, model_name: str, examp
         streamed = response.headers.get("content-type", [""])[0].startswith("text/event-stream")
         if response.status_code == 200 and streamed:
             # schemathesis reads at most 20 events of a stream
-            check_event_stream(doc, response.content.decode(), complete=not response.stream_cut_short)
+            check_event_stream(doc, response.content.decode(), complete=not response.stream_cut_short,
+                               chunk_model=CHUNKS[path])
         statuses[f"{response.status_code} stream" if streamed else str(response.status_code)] += 1
 
     fuzz()
@@ -337,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "schema"):
             with serve_engine(engine) as srv:
                 schema = load_schema(srv.base_url)
-                runs = [(label, False) for label in OPERATIONS] + [("POST /v1/chat/completions", True)]
+                runs = [(label, False) for label in OPERATIONS] + [("POST /v1/chat/completions", True),
+                                                                   ("POST /v1/completions", True)]
                 for label, negative in runs:
                     t0 = time.perf_counter()
                     statuses = run_schema_fuzz(schema, label, srv.base_url, model_name=engine.model_name,
