@@ -61,6 +61,15 @@ def _sse(obj) -> str:
     return f"data: {payload}\n\n"
 
 
+async def collect_events(stream, first) -> list:
+    """Every event of a request's stream: its first (already awaited) and the rest to the end."""
+    events = [first]
+    if first.finish_reason is None:
+        async for ev in stream:
+            events.append(ev)
+    return events
+
+
 class ClientGone(Exception):
     pass
 
@@ -301,15 +310,8 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                  time.perf_counter() - timer.arrival)
 
     async def _complete(request: Request, v: ValidatedRequest, stream, first, meta, t0):
-        async def collect():
-            events = [first]
-            if first.finish_reason is None:
-                async for ev in stream:
-                    events.append(ev)
-            return events
-
         try:
-            events = await _until_disconnect(request, collect())
+            events = await _until_disconnect(request, collect_events(stream, first))
         except ClientGone:
             log.info("%s client disconnected; aborted", meta["id"])
             return Response(status_code=499)

@@ -28,7 +28,7 @@ from engine.request import GenerationRequest, TokenEvent, TokenLogprob
 from engine.scheduler import EngineOverloaded
 
 from . import openapi
-from .app import ClientGone, _sse, _until_disconnect
+from .app import ClientGone, _sse, _until_disconnect, collect_events
 from .errors import APIError
 from .protocol import (Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
                        PromptTokensDetails, Usage)
@@ -256,15 +256,8 @@ def add_completions(app: FastAPI, engine, *, read_body, check_target, first_even
 
     async def _complete(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts,
                         echoes, meta, t0):
-        async def collect(stream, first):
-            events = [first]
-            if first.finish_reason is None:
-                async for ev in stream:
-                    events.append(ev)
-            return events
-
         try:
-            results = await _until_disconnect(request, asyncio.gather(*map(collect, streams, firsts)))
+            results = await _until_disconnect(request, asyncio.gather(*map(collect_events, streams, firsts)))
         except ClientGone:
             log.info("%s client disconnected; aborted", meta["id"])
             return Response(status_code=499)
