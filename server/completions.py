@@ -30,6 +30,7 @@ from engine.scheduler import EngineOverloaded
 from . import openapi
 from .app import ClientGone, _sse, _until_disconnect, collect_events
 from .errors import APIError
+from .logs import note
 from .protocol import (Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
                        PromptTokensDetails, Usage)
 from .validation import CompletionPrompt, ValidatedCompletion, parse_body, tokenize_and_fit, validate_completion
@@ -183,11 +184,11 @@ async def _merged(streams, firsts):
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-def add_completions(app: FastAPI, engine, *, read_body, check_target, first_event, fingerprint: str,
-                    metrics) -> None:
-    """Add POST /v1/completions to the app, with chat's body reading (read_body), model and engine
-    check (check_target), first-event handling (first_event: queue timeouts -> 503) and metrics
-    (each choice is timed as one chat request is; requests by status are counted by the middleware)."""
+def add_completions(app: FastAPI, *, read_body, check_target, first_event, metrics) -> None:
+    """Add POST /v1/completions to the app, with chat's body reading (read_body), model routing and
+    engine check (check_target: the served model and the name to report), first-event handling
+    (first_event: queue timeouts -> 503) and metrics (each choice is timed as one chat request is;
+    requests by status are counted by the middleware)."""
 
     @app.post("/v1/completions", openapi_extra=openapi.COMPLETION_REQUEST_BODY, responses={
         200: {"model": Completion, "content": openapi.COMPLETION_STREAM,
@@ -196,7 +197,8 @@ def add_completions(app: FastAPI, engine, *, read_body, check_target, first_even
     async def completions(request: Request):
         arrival = time.perf_counter()
         wire = parse_body(await read_body(request), CompletionRequest)
-        check_target(wire.model)
+        served, reply_name = check_target(request, wire.model)
+        engine = served.engine
         v = validate_completion(wire, vocab_size=engine.vocab_size, scores_prompts=engine.scores_prompts,
                                 max_choices=engine.config.max_running + engine.config.max_waiting)
         # off the event loop: tokenizing long prompts would stall every other request meanwhile
@@ -211,13 +213,13 @@ def add_completions(app: FastAPI, engine, *, read_body, check_target, first_even
                 if params.prompt_logprobs is not None and j:
                     params = params.replace(prompt_logprobs=None)   # choice 0's serve them all
                 index = i * v.n + j
-                timer = metrics.timer(engine.model_name)
+                timer = metrics.timer(served.name)
                 timer.arrival = arrival
                 choices.append(_Choice(index, prompt, v, timer))
                 streams.append(engine.generate(GenerationRequest(request_id=f"{cid}-{index}", prompt_ids=prompt.ids,
                                                                  params=params)))
         try:
-            firsts = await _until_disconnect(request, _start_all(streams, first_event))
+            firsts = await _until_disconnect(request, _start_all(streams, lambda s: first_event(s, engine)))
         except EngineOverloaded as exc:
             await _close_all(streams)
             raise APIError(429, str(exc), code="server_overloaded", retry_after=exc.retry_after) from None
@@ -230,32 +232,32 @@ def add_completions(app: FastAPI, engine, *, read_body, check_target, first_even
             raise
         for choice in choices:
             choice.timer.first()
-        meta = dict(id=cid, created=int(time.time()), model=engine.model_name, system_fingerprint=fingerprint)
+        meta = dict(id=cid, created=int(time.time()), model=reply_name, system_fingerprint=served.fingerprint)
+        note(request, id=cid, stream=v.stream, choices=len(choices))
         try:
-            echoes = [_echo(c, firsts, v) for c in choices] if v.echo else [("", None)] * len(choices)
+            echoes = [_echo(engine, c, firsts, v) for c in choices] if v.echo else [("", None)] * len(choices)
         except BaseException:
             await _close_all(streams)
             raise
-        t0 = time.perf_counter()
         if v.stream:
-            return StreamingResponse(_stream(v, choices, streams, firsts, echoes, meta, t0),
+            return StreamingResponse(_stream(request, v, choices, streams, firsts, echoes, meta),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(request, v, choices, streams, firsts, echoes, meta, t0)
+        return await _complete(request, v, choices, streams, firsts, echoes, meta)
 
-    def _echo(choice: _Choice, firsts: list[TokenEvent], v: ValidatedCompletion):
+    def _echo(engine, choice: _Choice, firsts: list[TokenEvent], v: ValidatedCompletion):
         first_of_prompt = firsts[choice.index - choice.index % v.n]    # the choice that scored the prompt
         return choice.echoed(first_of_prompt.prompt_logprobs, engine)
 
-    def _done_log(meta, v: ValidatedCompletion, choices: list[_Choice], t0: float, stream: bool) -> None:
+    def _done(request: Request, v: ValidatedCompletion, choices: list[_Choice]) -> None:
+        """The access line's token counts and finish reasons (server/logs.py)."""
         usage = _usage(v, choices)
         finishes = sorted({c.last.finish_reason for c in choices if c.last is not None})
-        log.info("%s done: stream=%s choices=%d prompt_tokens=%d completion_tokens=%d finish=%s time=%.2fs",
-                 meta["id"], stream, len(choices), usage.prompt_tokens, usage.completion_tokens,
-                 ",".join(finishes), time.perf_counter() - t0)
+        note(request, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+             cached_tokens=usage.prompt_tokens_details.cached_tokens, finish=",".join(finishes))
 
     async def _complete(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts,
-                        echoes, meta, t0):
+                        echoes, meta):
         try:
             results = await _until_disconnect(request, asyncio.gather(*map(collect_events, streams, firsts)))
         except ClientGone:
@@ -271,10 +273,11 @@ def add_completions(app: FastAPI, engine, *, read_body, check_target, first_even
             out.append(CompletionChoice(index=choice.index, text=echo_text + "".join(t for t, _ in parts),
                                         logprobs=_join([echo_lps] + [lp for _, lp in parts]),
                                         finish_reason=events[-1].finish_reason))
-        _done_log(meta, v, choices, t0, False)
+        _done(request, v, choices)
         return JSONResponse(Completion(**meta, choices=out, usage=_usage(v, choices)).model_dump(mode="json"))
 
-    async def _stream(v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes, meta, t0):
+    async def _stream(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes,
+                      meta):
         usage_null = {"usage": None} if v.include_usage else {}
 
         def chunk(choice: CompletionChoice) -> str:
@@ -299,8 +302,8 @@ def add_completions(app: FastAPI, engine, *, read_body, check_target, first_even
                                                      finish_reason=event.finish_reason))
             if v.include_usage and not failed:
                 yield _sse(CompletionChunk(**meta, choices=[], usage=_usage(v, choices)).model_dump(mode="json"))
+            _done(request, v, choices)
             yield "data: [DONE]\n\n"
-            _done_log(meta, v, choices, t0, True)
         except asyncio.CancelledError:
             log.info("%s client disconnected; aborted", meta["id"])
             raise

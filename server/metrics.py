@@ -1,8 +1,9 @@
 """Prometheus metrics for GET /metrics, named after vLLM's set so existing Grafana boards map over.
 
-Per request (recorded by the routes through ``RequestTimer``): requests by model, endpoint and
-status; end-to-end latency, time to first token, time per output token and queue time histograms;
-prompt, generated and cached-prompt token counters. Per engine (read at scrape time from the
+Every series has a `model` label: with several models served, each has its own series (under the
+model's id, its first served name). Per request (recorded by the routes through ``RequestTimer``):
+requests by model, endpoint and status; end-to-end latency, time to first token, time per output
+token and queue time histograms; prompt, generated and cached-prompt token counters. Per engine (read at scrape time from the
 engine's own counters, so nothing is double-kept): running and waiting requests, KV blocks used
 and free, KV usage, preemptions. Plus constraint compile time.
 """
@@ -12,6 +13,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .logs import request_info
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -115,9 +118,13 @@ class RequestTimer:
 
 class MetricsMiddleware:
     """Pure ASGI (so client disconnects still reach the routes): counts every /v1 request by
-    endpoint and status and times it to its last byte, streams included."""
+    model, endpoint and status and times it to its last byte, streams included.
 
-    def __init__(self, app, metrics: Metrics, model: str):
+    The model is the one the route picked (server/logs.py's ``note(request, model=...)``); a
+    request refused before that (bad JSON, unknown model, /v1/models) counts under ``model``:
+    the one model's name when there is one, "" when there are several."""
+
+    def __init__(self, app, metrics: Metrics, model: str = ""):
         self.app, self.metrics, self.model = app, metrics, model
 
     async def __call__(self, scope, receive, send):
@@ -129,13 +136,14 @@ class MetricsMiddleware:
             endpoint = "chat/completions"
         start = time.perf_counter()
         status = {"code": 500, "done": False}
+        info = request_info(scope)
 
         def record():
             if not status["done"]:
                 status["done"] = True
-                m = self.metrics
-                m.requests.labels(self.model, endpoint, str(status["code"])).inc()
-                m.e2e.labels(self.model, endpoint).observe(time.perf_counter() - start)
+                m, model = self.metrics, info.get("model", self.model)
+                m.requests.labels(model, endpoint, str(status["code"])).inc()
+                m.e2e.labels(model, endpoint).observe(time.perf_counter() - start)
 
         async def sending(message):
             if message["type"] == "http.response.start":

@@ -224,13 +224,24 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class ModelHealth(BaseModel):
+    """One served model's engine: its loop runs ("ok") or not, its load and counters."""
+    status: Literal["ok", "unavailable"]
+    running: int
+    waiting: int
+    stats: dict[str, int | float]
+
+
 class Health(BaseModel):
-    """GET /health: "ok" with the engine's load and counters, or (a 503) "unavailable" alone."""
+    """GET /health: "ok" when every model's engine runs (else a 503, "unavailable"); running and
+    waiting summed over the models, each model's own under `models` (by id). With one model,
+    `model` names it and `stats` are its engine's counters."""
     status: Literal["ok", "unavailable"]
     model: str | None = None
     running: int | None = None
     waiting: int | None = None
     stats: dict[str, int | float] | None = None
+    models: dict[str, ModelHealth] | None = None
 
 
 # ---------------------------------------------------------------- /v1/completions (OpenAI's legacy shape)

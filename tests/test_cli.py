@@ -6,13 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import _serve_parser, resolve_serve_args
+from server.cli import _serve_parser, resolve_serve_args, resolve_serve_settings
+from server.settings import ConfigError
+
+
+def args(argv):
+    p = argparse.ArgumentParser()
+    _serve_parser(p)
+    return p.parse_args(argv)
 
 
 def settings(argv):
-    p = argparse.ArgumentParser()
-    _serve_parser(p)
-    return resolve_serve_args(p.parse_args(argv))
+    return resolve_serve_args(args(argv))
 
 
 def test_defaults_turn_packed_steps_and_the_prefix_cache_on():
@@ -34,7 +39,7 @@ def test_flags_override_the_config_file(tmp_path):
 def test_unknown_config_keys_are_refused(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("prefix_cache_gb: 1\n")
-    with pytest.raises(SystemExit, match="prefix_cache_gb"):
+    with pytest.raises(ConfigError, match="bad.yaml: unknown key 'prefix_cache_gb'"):
         settings(["--config", str(cfg)])
 
 
@@ -43,5 +48,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_preset_in_configs_is_a_valid_settings_file(preset):
-    s = settings(["--config", str(CONFIGS / preset)])
-    assert s["model"] and s["dtype"] in ("auto", "float32", "bfloat16", "float16")
+    s = resolve_serve_settings(args(["--config", str(CONFIGS / preset)]))
+    for m in s.models:
+        assert m["model"] and m["dtype"] in ("auto", "float32", "bfloat16", "float16")
