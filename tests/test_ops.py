@@ -191,3 +191,194 @@ def test_the_dockerfile_passes_hadolint():
     r = subprocess.run([exe, str(ROOT / "Dockerfile.cuda")], capture_output=True, text=True,
                        env={**os.environ, "NO_COLOR": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ request ids, access lines, JSON logs
+@pytest.fixture(scope="module")
+def tc(tiny_engine):
+    """The app in process (Starlette's TestClient): a request returns once the app is done with it,
+    so its access line is written by then."""
+    from starlette.testclient import TestClient
+
+    from server.app import create_app
+    with TestClient(create_app(tiny_engine, playground=False)) as c:
+        yield c
+
+
+@pytest.fixture
+def json_log():
+    """What the chatserve loggers write while the test runs, through the --log-format json
+    formatter, as parsed lines."""
+    import io
+    import logging
+
+    from server.logs import JsonFormatter, RequestIdFilter
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("chatserve")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lambda: [json.loads(line) for line in buf.getvalue().splitlines()]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def access_lines(lines, rid):
+    return [d for d in lines if d["logger"] == "chatserve.access" and d.get("request_id") == rid]
+
+
+def test_the_request_id_is_echoed_or_made(tc, json_log):
+    body = {"messages": HI, "max_tokens": 2}
+    given = {"X-Request-Id": "client-id-1"}
+    assert tc.post(CHAT, json=body, headers=given).headers["x-request-id"] == "client-id-1"
+    with tc.stream("POST", CHAT, json={**body, "stream": True}, headers={"X-Request-Id": "client-id-2"}) as r:
+        assert r.headers["x-request-id"] == "client-id-2"
+        assert list(r.iter_lines())[-2:] == ["data: [DONE]", ""]
+    assert tc.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                   headers={"X-Request-Id": "client-id-3"}).headers["x-request-id"] == "client-id-3"
+    r = tc.post(CHAT, json={**body, "model": "nope"}, headers={"X-Request-Id": "client-id-4"})
+    assert r.status_code == 404 and r.headers["x-request-id"] == "client-id-4"       # errors too
+
+    made = [tc.post(CHAT, json=body).headers["x-request-id"] for _ in range(2)]
+    with tc.stream("POST", CHAT, json={**body, "stream": True}) as r:
+        made.append(r.headers["x-request-id"])
+        r.read()
+    for bad in ("has space", "x" * 201, "caf\u00e9"):
+        made.append(tc.post(CHAT, json=body, headers={"X-Request-Id": bad.encode("utf-8")}).headers["x-request-id"])
+    assert all(len(m) == 32 and int(m, 16) >= 0 for m in made) and len(set(made)) == len(made)
+
+    lines = json_log()
+    for rid, status in (("client-id-1", 200), ("client-id-2", 200), ("client-id-3", 200), ("client-id-4", 404),
+                        *((m, 200) for m in made)):
+        (line,) = access_lines(lines, rid)
+        assert line["status"] == status
+
+
+def test_a_500_carries_the_request_id_too(tiny_engine, json_log):
+    from starlette.testclient import TestClient
+
+    from server.app import create_app
+    app = create_app(tiny_engine, playground=False)
+
+    async def boom():
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/boom", boom)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/v1/boom", headers={"X-Request-Id": "b1"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert r.headers["x-request-id"] == "b1"
+    lines = json_log()
+    (line,) = access_lines(lines, "b1")
+    assert line["status"] == 500
+    (bug,) = [d for d in lines if d["message"] == "unhandled error"]
+    assert bug["request_id"] == "b1" and "RuntimeError: a bug" in bug["exc_info"]
+
+
+def test_the_access_line_as_json(tc, tiny_engine, json_log):
+    r = tc.post(CHAT, json={"messages": HI, "max_tokens": 3, "ignore_eos": True}, headers={"X-Request-Id": "j1"})
+    with tc.stream("POST", CHAT, json={"messages": HI, "max_tokens": 4, "ignore_eos": True, "stream": True,
+                                       "stream_options": {"include_usage": True}},
+                   headers={"X-Request-Id": "j2"}) as s:
+        chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    bad = tc.post(CHAT, json={"messages": HI, "temperature": 9}, headers={"X-Request-Id": "j3"})
+    lines = json_log()
+    (plain,), (streamed,), (refused,) = (access_lines(lines, rid) for rid in ("j1", "j2", "j3"))
+    reply = r.json()
+    assert plain == {**plain, "level": "info", "method": "POST", "path": CHAT, "status": 200,
+                     "model": tiny_engine.model_name, "id": reply["id"], "stream": False,
+                     "prompt_tokens": reply["usage"]["prompt_tokens"], "completion_tokens": 3,
+                     "cached_tokens": reply["usage"]["prompt_tokens_details"]["cached_tokens"],
+                     "finish": "length", "client": "testclient"}
+    assert isinstance(plain["latency"], float) and plain["latency"] > 0
+    assert plain["message"].startswith(f"POST {CHAT} 200 latency=") and "request_id=j1" in plain["message"]
+    assert streamed["stream"] is True and streamed["id"] == chunks[0]["id"]
+    assert streamed["completion_tokens"] == 4 == chunks[-1]["usage"]["completion_tokens"]
+    assert refused["status"] == 400 and refused["model"] == tiny_engine.model_name and "id" not in refused
+    assert all(isinstance(d["time"], str) and d["time"].endswith("+00:00") for d in lines)
+
+
+def test_the_json_formatter_keeps_one_line_per_record():
+    import logging
+
+    from server.logs import REQUEST_ID, JsonFormatter
+    try:
+        raise ValueError("two\nlines")
+    except ValueError:
+        import sys as _sys
+        record = logging.LogRecord("chatserve.x", logging.ERROR, __file__, 1, "failed: %s", ("it",), _sys.exc_info())
+    token = REQUEST_ID.set("rid-9")
+    try:
+        out = JsonFormatter().format(record)
+    finally:
+        REQUEST_ID.reset(token)
+    assert "\n" not in out
+    d = json.loads(out)
+    assert (d["message"], d["level"], d["logger"], d["request_id"]) == ("failed: it", "error", "chatserve.x", "rid-9")
+    assert d["exc_info"].startswith("Traceback") and "ValueError: two\nlines" in d["exc_info"]
+
+
+def test_the_text_access_line(tc, caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="chatserve.access"):
+        r = tc.post(CHAT, json={"messages": HI, "max_tokens": 2, "ignore_eos": True}, headers={"X-Request-Id": "t1"})
+    (rec,) = [rec for rec in caplog.records if rec.name == "chatserve.access"]
+    usage = r.json()["usage"]
+    assert rec.getMessage() == (f"POST {CHAT} 200 latency={rec.fields['latency']:.3f}s request_id=t1 "
+                                f"model={r.json()['model']} id={r.json()['id']} stream=false "
+                                f"prompt_tokens={usage['prompt_tokens']} completion_tokens=2 "
+                                f"cached_tokens={usage['prompt_tokens_details']['cached_tokens']} finish=length "
+                                "client=testclient")
+
+
+# ------------------------------------------------------------------------------------------------ CORS
+ORIGIN = "https://app.example"
+PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization,content-type"}
+
+
+def test_no_cors_headers_by_default(tc):
+    r = tc.post(CHAT, json={"messages": HI, "max_tokens": 1}, headers={"Origin": ORIGIN})
+    assert r.status_code == 200 and not [h for h in r.headers if h.startswith("access-control-")]
+    assert tc.options(CHAT, headers=PREFLIGHT).status_code == 405
+
+
+def test_cors_preflight_and_replies_for_allowed_origins(tiny_engine):
+    from starlette.testclient import TestClient
+
+    from server.app import create_app
+    app = create_app(tiny_engine, api_key="k", allowed_origins=[ORIGIN, "http://localhost:3000"], playground=False)
+    with TestClient(app) as c:
+        pre = c.options(CHAT, headers=PREFLIGHT)        # no Authorization on a preflight: not a 401
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ORIGIN
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        assert {"authorization", "content-type"} <= {h.strip().lower() for h in
+                                                     pre.headers["access-control-allow-headers"].split(",")}
+        r = c.post(CHAT, json={"messages": HI, "max_tokens": 1},
+                   headers={"Origin": ORIGIN, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+        denied = c.post(CHAT, json={"messages": HI}, headers={"Origin": ORIGIN})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
+        other = c.options(CHAT, headers={**PREFLIGHT, "Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    with TestClient(create_app(tiny_engine, allowed_origins=["*"], playground=False)) as c:
+        assert c.options(CHAT, headers=PREFLIGHT).headers["access-control-allow-origin"] == "*"
+
+
+def test_allowed_origins_flag(tmp_path):
+    import argparse
+
+    from server.cli import _serve_parser, resolve_serve_args
+    p = argparse.ArgumentParser()
+    _serve_parser(p)
+    s = resolve_serve_args(p.parse_args(["--allowed-origins", "https://a.example, https://b.example",
+                                         "--allowed-origins", "http://localhost:3000"]))
+    assert s["allowed_origins"] == ["https://a.example", "https://b.example", "http://localhost:3000"]
+    assert resolve_serve_args(p.parse_args([]))["allowed_origins"] == []
+    assert resolve_serve_args(p.parse_args(["--log-format", "json"]))["log_format"] == "json"
