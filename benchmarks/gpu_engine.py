@@ -1,13 +1,25 @@
-"""The engine against raw ``model.generate`` on a CUDA device, in one process, in one run.
+"""chatserve on a CUDA device against model.generate and transformers' continuous batching, one run.
 
-No model weights can reach the GPU machines here, so the models are random-weight Llamas of real
-shapes (SmolLM2-135M's, and a ~1B one) with the test tokenizer; throughput does not depend on
-the weights when every request makes exactly --max-tokens tokens (ignore_eos / min_new_tokens).
-Prompts are random token ids of --prompt-len tokens. Reports tokens/s of generate at batch 1 and
-on a static batch of 32, and of the engine (in process, no HTTP) at c=1 and c=32 in a closed
-loop, with packed steps and without, plus the ratios.
+No weights reach the GPU machines, so the models are random-weight Llamas of real shapes (Llama-3
+8B and 1B, vocabulary 128256, so lm_head and sampling cost what they cost in production), built
+on the device, with a word-level tokenizer of the same size. Every request makes exactly
+--max-tokens tokens (ignore_eos). One JSON line per figure; the last line sums up against the
+targets of the GPU-engine issue. Figures, for each shape:
 
-    python benchmarks/gpu_engine.py [--models smollm2,1b] [--dtype bfloat16]
+* hbm_copy: the card's device-to-device copy rate; roofline_tok_s = that rate / weight bytes
+  (the single-stream ceiling: every decode step reads every weight once).
+* generate: ``model.generate`` on a static batch of c prompts (greedy).
+* engine: the engine in process, closed loop with c requests in flight (c = 1, 32, 64), CUDA
+  graphs on (the default) and with enforce_eager (the ratio is what graphs buy); tokens/s and
+  TTFT p50; graph capture time.
+* long_context: c=8 requests of 128-token and of --long-prompt-token prompts: decode tokens/s
+  while all 8 decode together (between the last first token and the first finish), and the fall.
+* http: the whole server (FastAPI + SSE) in this process, loaded from a subprocess with
+  server/bench.py's run_load (128-word prompts), c = 1, 32, 64.
+* transformers_cb: ``model.init_continuous_batching`` (what ``transformers serve
+  --continuous-batching`` runs), all requests at once.
+
+    python benchmarks/gpu_engine.py [--shapes 8b,1b] [--no-http] [--skip-cb] [--device cpu --shapes tiny]
 """
 from __future__ import annotations
 
@@ -15,119 +27,278 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 SHAPES = {
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8),
+               num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=5000),
 }
+TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + ' <|im_end|> ' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}")
+LINES: list[dict] = []
 
 
-def build(shape: str, folder: Path, dtype) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def emit(**kv) -> dict:
+    print(json.dumps(kv), flush=True)
+    LINES.append(kv)
+    return kv
 
-    from tiny_models import CHAT_TEMPLATE, build_tokenizer
-    tok = build_tokenizer(folder, CHAT_TEMPLATE)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=False,
-                      bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
-                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), **SHAPES[shape])
-    LlamaForCausalLM(cfg).to(dtype).save_pretrained(folder)
-    return folder
+
+def word_tokenizer(vocab: int, folder: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    table = {s: i for i, s in enumerate(specials)}
+    table.update({f"w{i}": i for i in range(len(specials), vocab)})
+    tok = Tokenizer(models.WordLevel(table, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def closed_loop(engine, prompts, params, c: int, n: int) -> dict:
+    """c workers, n requests: tokens/s over the run, TTFT p50, and every event's time per request."""
+    from engine.request import GenerationRequest
+
+    async def run():
+        todo = list(range(n))
+        ttfts, tokens, traces = [], 0, []
+
+        async def worker():
+            nonlocal tokens
+            while todo:
+                i = todo.pop()
+                t_req = time.perf_counter()
+                stamps = []
+                async for ev in engine.generate(GenerationRequest(f"r{i}-{time.time_ns()}", prompts[i % len(prompts)],
+                                                                  params)):
+                    if ev.token_ids:
+                        stamps.append((time.perf_counter(), len(ev.token_ids)))
+                        tokens += len(ev.token_ids)
+                    if ev.error:
+                        raise RuntimeError(ev.error)
+                ttfts.append(stamps[0][0] - t_req)
+                traces.append(stamps)
+
+        t = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(c)])
+        return dict(tok_s=tokens / (time.perf_counter() - t), ttft_p50_ms=statistics.median(ttfts) * 1000,
+                    traces=traces)
+    return asyncio.run(run())
+
+
+def decode_window(traces) -> float:
+    """Tokens/s while every request decodes: from the last first token to the first finish."""
+    start = max(t[0][0] for t in traces)
+    end = min(t[-1][0] for t in traces)
+    count = sum(k for t in traces for when, k in t if start < when <= end)
+    return count / (end - start) if end > start else float("nan")
+
+
+def http_load(engine, shape: str, words: list[str], levels, T: int) -> None:
+    import uvicorn
+
+    from server.app import create_app
+    port = 18556
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.1)
+    try:
+        for c, n in levels:
+            code = ("import asyncio, json, sys; from server.bench import run_load; "
+                    f"s = asyncio.run(run_load('http://127.0.0.1:{port}/v1', {shape!r}, {c}, {n}, {T}, "
+                    f"json.loads(sys.stdin.read()), ignore_eos=True, warmup=1)); "
+                    "s.pop('requests'); print(json.dumps(s))")
+            r = subprocess.run([sys.executable, "-c", code], input=json.dumps(words), capture_output=True, text=True,
+                               timeout=300, cwd=str(ROOT))
+            try:
+                s = json.loads(r.stdout.strip().splitlines()[-1])
+                emit(what="http", shape=shape, c=c, requests=n, ok=s["ok"], tok_s=s["output_throughput"],
+                     ttft_p50_ms=s["ttft_ms"]["p50"], tpot_p50_ms=s["tpot_ms"]["p50"])
+            except Exception:  # noqa: BLE001
+                emit(what="http_error", shape=shape, c=c, out=(r.stdout + r.stderr)[-800:])
+    finally:
+        server.should_exit = True
+        th.join(timeout=10)
+
+
+def transformers_cb(model, prompts, shape: str, T: int, levels) -> None:
+    from transformers import GenerationConfig
+    try:
+        gc = GenerationConfig(max_new_tokens=T, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        for impl in ("paged|sdpa", "sdpa"):
+            try:
+                model.set_attn_implementation(impl)
+                break
+            except Exception as e:  # noqa: BLE001
+                emit(what="cb_note", shape=shape, note=f"set_attn_implementation({impl}): {e!r}"[:300])
+        mgr = model.init_continuous_batching(generation_config=gc)
+        t = time.perf_counter()
+        mgr.warmup() if hasattr(mgr, "warmup") else None
+        mgr.start()
+        emit(what="transformers_cb_warmup", shape=shape, s=time.perf_counter() - t)
+
+        def run(n: int) -> float:
+            t = time.perf_counter()
+            mgr.add_requests(inputs=prompts[:n], max_new_tokens=T)
+            done = ntok = 0
+            while done < n:
+                r = mgr.get_result(timeout=10)
+                if r is None:
+                    raise TimeoutError(f"{done}/{n} finished")
+                if r.is_finished():
+                    done += 1
+                    ntok += len(r.generated_tokens)
+            return ntok / (time.perf_counter() - t)
+
+        run(8)
+        for n in levels:
+            emit(what="transformers_cb", shape=shape, requests_at_once=n,
+                 tok_s=statistics.median(run(n) for _ in range(2)))
+        mgr.stop(block=True, timeout=10)
+    except Exception as e:  # noqa: BLE001
+        emit(what="transformers_cb_error", shape=shape, error=repr(e)[:500])
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2,1b")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--shapes", default="8b,1b")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=56)
-    ap.add_argument("--requests", type=int, default=96, help="requests in the c=32 run")
-    ap.add_argument("--output", default=None)
-    ap.add_argument("--device", default="cuda", help="cpu only to try the script out")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--long-prompt", type=int, default=8000)
+    ap.add_argument("--levels", default="1,32,64", help="concurrency levels (requests: 4, then 3 per row)")
+    ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--no-eager", action="store_true", help="skip the enforce_eager comparison")
+    ap.add_argument("--skip-cb", action="store_true", help="skip transformers' continuous batching")
+    ap.add_argument("--output", default=None, help="also write every line to this JSON file")
     args = ap.parse_args()
 
     import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.engine import Engine, EngineConfig
-    from engine.loader import load_model
-    from engine.request import GenerationRequest, SamplingParams
+    from engine.loader import LoadedModel
+    from engine.request import SamplingParams
 
-    dtype = getattr(torch, args.dtype)
-    dev = args.device
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    report = {"device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "args": vars(args), "models": {}}
-    print("device:", report["device"], flush=True)
-    T = args.max_tokens
-    for shape in args.models.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            lm = load_model(str(build(shape, Path(tmp), dtype)), device=dev, dtype=args.dtype)
-        model = lm.model
-        vocab = model.config.vocab_size
+    dev, cuda = args.device, args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    emit(what="env", torch=torch.__version__, transformers=transformers.__version__,
+         gpu=torch.cuda.get_device_name(0) if cuda else "cpu")
+    hbm = None
+    if cuda:
+        a = torch.empty(2**31, dtype=torch.bfloat16, device=dev)
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        sync()
+        t = time.perf_counter()
+        for _ in range(10):
+            b.copy_(a)
+        sync()
+        hbm = 2 * a.numel() * 2 / ((time.perf_counter() - t) / 10)
+        emit(what="hbm_copy", tb_s=hbm / 1e12)
+        del a, b
+        torch.cuda.empty_cache()
+    T, P, L = args.max_tokens, args.prompt_len, args.long_prompt
+    levels = [int(c) for c in args.levels.split(",")]
+    dtype = torch.bfloat16 if cuda else torch.float32
+    summary = {}
+    for shape in args.shapes.split(","):
+        kw = dict(SHAPES[shape])
+        V = kw.pop("vocab_size")
+        folder = Path(tempfile.mkdtemp())
+        tok = word_tokenizer(V, folder)
+        cfg = LlamaConfig(vocab_size=V, max_position_embeddings=max(4096, 2 * L), bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0, tie_word_embeddings=False, **kw)
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        with torch.device(dev):
+            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+        model.eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        emit(what="model", shape=shape, params_b=sum(p.numel() for p in model.parameters()) / 1e9,
+             weight_gb=weight_bytes / 1e9, build_s=time.perf_counter() - t0,
+             roofline_tok_s=hbm / weight_bytes if hbm else None)
         g = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(5, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(32)]
-        res: dict = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+        prompts = [torch.randint(3, V, (P,), generator=g).tolist() for _ in range(256)]
 
         def generate(n: int) -> float:
             ids = torch.tensor(prompts[:n], device=dev)
             sync()
             t = time.perf_counter()
             with torch.inference_mode():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, min_new_tokens=T,
-                                     do_sample=False, pad_token_id=0)
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, min_new_tokens=T,
+                               do_sample=False, pad_token_id=0)
             sync()
-            assert out.shape[1] == args.prompt_len + T
             return n * T / (time.perf_counter() - t)
 
-        generate(1)
-        res["generate_b1"] = statistics.median(generate(1) for _ in range(3))
-        generate(32)
-        res["generate_b32"] = statistics.median(generate(32) for _ in range(3))
+        for n in levels:
+            generate(n)
+            emit(what="generate", shape=shape, batch=n, tok_s=statistics.median(generate(n) for _ in range(2)))
 
-        for packed in (True, False):
-            eng = Engine(lm, EngineConfig(packed=packed, max_running=32, prefix_cache=False)).start()
-            assert eng.packed == packed, "packed self-test failed on this model"
-            params = SamplingParams(temperature=0, max_tokens=T, ignore_eos=True)
-
-            async def closed_loop(c: int, n: int) -> float:
-                todo = list(range(n))
-
-                async def worker():
-                    while todo:
-                        i = todo.pop()
-                        async for _ in eng.generate(GenerationRequest(f"r{i}", prompts[i % 32], params)):
-                            pass
-                t = time.perf_counter()
-                await asyncio.gather(*[worker() for _ in range(c)])
-                return n * T / (time.perf_counter() - t)
-
-            asyncio.run(closed_loop(4, 8))   # warm-up
-            key = "packed" if packed else "unpacked"
-            res[f"engine_c1_{key}"] = asyncio.run(closed_loop(1, 4))
-            res[f"engine_c32_{key}"] = asyncio.run(closed_loop(32, args.requests))
+        lm = LoadedModel(model=model, tokenizer=tok, name=shape, device=dev, dtype=str(dtype).removeprefix("torch."),
+                         max_model_len=L + 2 * T + 64, source=shape, load_seconds=0.0)
+        params = SamplingParams(temperature=0, max_tokens=T, ignore_eos=True)
+        runs = [("graphs", False)] + ([] if args.no_eager else [("eager", True)])
+        for mode, eager in runs:
+            t = time.perf_counter()
+            eng = Engine(lm, EngineConfig(max_running=max(levels), prefix_cache=False, enforce_eager=eager)).start()
+            emit(what="engine_start", shape=shape, mode=mode, s=time.perf_counter() - t,
+                 graphs=sorted(eng.graphs.graphs) if eng.graphs is not None else None)
+            closed_loop(eng, prompts, params, 4, 8)   # warm-up
+            for c in levels:
+                n = 4 if c == 1 else 3 * c
+                r = closed_loop(eng, prompts, params, c, n)
+                summary[(shape, mode, c)] = r["tok_s"]
+                emit(what="engine", shape=shape, mode=mode, c=c, requests=n, tok_s=r["tok_s"],
+                     ttft_p50_ms=r["ttft_p50_ms"])
+            if mode == "graphs":
+                long_params = SamplingParams(temperature=0, max_tokens=3 * T, ignore_eos=True)
+                rates = {}
+                for length in (P, L):
+                    ps = [torch.randint(3, V, (length,), generator=g).tolist() for _ in range(8)]
+                    r = closed_loop(eng, ps, long_params, 8, 8)
+                    rates[length] = decode_window(r["traces"])
+                    emit(what="long_context", shape=shape, c=8, prompt_tokens=length, decode_tok_s=rates[length],
+                         ttft_p50_ms=r["ttft_p50_ms"])
+                emit(what="long_context_fall", shape=shape, fall=1 - rates[L] / rates[P])
+                if not args.no_http:
+                    words = [" ".join(f"w{t}" for t in p[:P - 8]) for p in prompts[:64]]
+                    http_load(eng, shape, words, [(c, 4 if c == 1 else 3 * c) for c in levels], T)
+            emit(what="engine_stats", shape=shape, mode=mode,
+                 **{k: v for k, v in eng.stats.items() if k.startswith(("time_", "graph", "decode"))})
             eng.stop()
-        for key in ("packed", "unpacked"):
-            res[f"ratio_c1_{key}"] = res[f"engine_c1_{key}"] / res["generate_b1"]
-            res[f"ratio_c32_{key}"] = res[f"engine_c32_{key}"] / res["generate_b32"]
-        report["models"][shape] = res
-        print(shape, json.dumps({k: round(v, 3) for k, v in res.items()}), flush=True)
+            del eng
+            if cuda:
+                torch.cuda.empty_cache()
+        if not args.skip_cb:
+            transformers_cb(model, prompts, shape, T, levels)
         del lm, model
-        if dev == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
-    out = Path(args.output) if args.output else ROOT / "bench-results" / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True, parents=True)
-    out.write_text(json.dumps(report, indent=2))
-    print("wrote", out)
+    if args.output:
+        Path(args.output).write_text(json.dumps(LINES, indent=1))
     return 0
 
 

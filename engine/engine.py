@@ -18,6 +18,7 @@ async stream of TokenEvents.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import bisect
 import hashlib
 import inspect
@@ -35,6 +36,7 @@ from transformers import DynamicCache
 from . import paged
 from .batch import DecodeBatch
 from .block_manager import BlockManager
+from .cuda_graphs import DecodeGraphs
 from .detokenize import IncrementalDetokenizer, StopStringMatcher, TokenTexts
 from .kv_cache import KVPool, PoolShape, plan_num_blocks
 from .loader import LoadedModel
@@ -51,8 +53,8 @@ class EngineConfig:
     max_running: int = 32          # rows decoded together
     max_waiting: int = 256         # requests queued beyond the running ones; more get 429
     queue_timeout: float | None = 300.0   # seconds a request may wait to start
-    prefill_chunk: int = 512       # prompt tokens prefilled per step
-    max_newcomers: int = 1         # prompts started per step while rows are decoding
+    prefill_chunk: int | None = None   # prompt tokens prefilled per step (default 512; on CUDA 2048)
+    max_newcomers: int | None = None   # prompts started per step while rows decode (default 1; CUDA: no cap)
     packed: bool = True            # one forward per step over the KV pool (engine/paged.py); False: fallback
     prefix_cache: bool = True      # full KV blocks reused by prompts that start the same way
     block_size: int = 16           # tokens per KV block
@@ -60,6 +62,8 @@ class EngineConfig:
     kv_cache_gb: float | None = None                # the pool's size in GiB (default off CUDA: 1)
     kv_cache_blocks: int | None = None              # the pool's size in blocks (tests)
     prefix_cache_mb: int | None = None              # older spelling kept for scripts: 0 = prefix_cache off
+    enforce_eager: bool = False    # no CUDA graphs for decode steps
+    decode_graphs: str = "auto"    # auto: CUDA graphs on CUDA; off; emulate: static buffers, no capture (tests)
 
     def __post_init__(self):
         if self.prefix_cache_mb == 0:
@@ -71,7 +75,7 @@ class Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.config = config or EngineConfig()
+        self.config = dataclasses.replace(config) if config else EngineConfig()   # (defaults filled in below)
         self.device = loaded.device
         self.max_model_len = loaded.max_model_len
         self.model_name = loaded.name
@@ -79,6 +83,15 @@ class Engine:
         self.texts = TokenTexts(self.tokenizer)
         self.eos_ids = self._eos_ids()
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        cuda = torch.device(self.device).type == "cuda"
+        if self.config.prefill_chunk is None:   # a GPU step of a few thousand prompt tokens costs little more
+            # than a launch-bound decode step; a CPU's grows with every token
+            self.config.prefill_chunk = 2048 if cuda else 512
+        if self.config.max_newcomers is None:
+            # On CUDA every step with a prompt chunk runs eagerly (only decode-only steps replay a
+            # graph) and costs the same launches whatever its prompt tokens, so it starts as many
+            # prompts as the chunk budget holds; on CPU a step's cost grows with its tokens.
+            self.config.max_newcomers = self.config.max_running if cuda else 1
         self.scheduler = Scheduler(self.config.max_running, self.config.queue_timeout, self.config.prefill_chunk,
                                    self.config.max_newcomers)
         # transformers renamed forward(past_key_values=) to forward(cache=) during 5.x
@@ -98,8 +111,10 @@ class Engine:
         self.mrope = inner is not None and hasattr(inner, "get_rope_index")
         self.pool: KVPool | None = None
         self.blocks: BlockManager | None = None
+        self.graphs: DecodeGraphs | None = None
         if self.packed:
             self._make_pool()
+            self._make_graphs()
         log.info("engine steps: %s", "one packed forward over the KV pool (prefill chunks join the decode forward)"
                  if self.packed else "fallback: separate batch-1 prefill forwards, then one decode forward")
         self._start_order = itertools.count()
@@ -175,6 +190,26 @@ class Engine:
         self._watermark = max(1, (n - 1) // 100)
         log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d tokens; %s); prefix cache %s", n - 1, bs,
                  self.pool.nbytes / 2**20, self.blocks.capacity_tokens, why, "on" if cfg.prefix_cache else "off")
+
+    def _make_graphs(self) -> None:
+        mode = "off" if self.config.enforce_eager else self.config.decode_graphs
+        cuda = torch.device(self.device).type == "cuda"
+        if mode == "off" or (mode == "auto" and not cuda):
+            if cuda:
+                log.info("CUDA graphs off (--enforce-eager): every step runs eagerly")
+            return
+        if self.mrope:
+            log.info("CUDA graphs off: multimodal rotary positions (Qwen2-VL) are not captured")
+            return
+        graphs = DecodeGraphs(self.model, self._cache_kw, self.pool, self.config.max_running, self.max_model_len,
+                              self.device, emulate=mode == "emulate")
+        try:
+            with torch.inference_mode():
+                graphs.capture()
+        except Exception as exc:   # an architecture the capture does not fit: eager steps still work
+            log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(exc).__name__, exc)
+            return
+        self.graphs = graphs
 
     def _begin(self, seq: Sequence) -> bool:
         """Give a sequence about to be prefilled its KV; False when there is no room for it yet."""
@@ -555,13 +590,17 @@ class Engine:
         if not tokens:
             return
         t0 = time.perf_counter()
-        step = paged.PagedStep.build(self.pool, row_layout, chunks, self.device)
-        images = (image_at, torch.cat(image_rows) if len(image_rows) > 1 else image_rows[0]) if image_rows else None
-        if self.mrope:   # [3, N]: temporal, height, width
-            positions = torch.cat([torch.tensor(p, dtype=torch.long, device=self.device).expand(3, -1)
-                                   if isinstance(p, list) else p for p in position_parts], dim=1)
-        logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep + score_at, self.device,
-                               images)
+        if not chunks and self.graphs is not None and self.graphs.fits(row_layout):
+            logits = self.graphs.run(tokens, row_layout)   # a decode-only step: one graph replay
+            self.stats["graph_steps"] += 1
+        else:
+            step = paged.PagedStep.build(self.pool, row_layout, chunks, self.device)
+            images = (image_at, torch.cat(image_rows) if len(image_rows) > 1 else image_rows[0]) if image_rows else None
+            if self.mrope:   # [3, N]: temporal, height, width
+                positions = torch.cat([torch.tensor(p, dtype=torch.long, device=self.device).expand(3, -1)
+                                       if isinstance(p, list) else p for p in position_parts], dim=1)
+            logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep + score_at, self.device,
+                                   images)
         if scoring:
             self._score_prompts(logits[len(keep):], scoring)
             logits = logits[:len(keep)]

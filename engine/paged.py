@@ -22,6 +22,7 @@ against plain forwards) gives the same logits; otherwise the engine keeps its fa
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,40 @@ def slots(table: torch.Tensor, start: int, end: int, block_size: int) -> torch.T
     return table[pos // block_size] * block_size + pos % block_size
 
 
+def row_slot_mapping(rows: list[tuple[list[int], int]], block_size: int) -> list[int]:
+    """The pool slot of each decoding row's new token (the last of its ``length`` positions)."""
+    return [table[(length - 1) // block_size] * block_size + (length - 1) % block_size for table, length in rows]
+
+
+def use_kernel(device) -> bool:
+    """Decode rows attend through the Triton kernel (CUDA) rather than gather + SDPA.
+    CHATSERVE_TRITON_DECODE=1 uses it off CUDA too (with TRITON_INTERPRET=1: the tests' CPU runs)."""
+    on = torch.device(device).type == "cuda" or os.environ.get("CHATSERVE_TRITON_DECODE") == "1"
+    return on and _triton() is not None
+
+
+def decode_splits(rows: int, kv_heads: int, device) -> int:
+    """The kernel's context splits for a step of ``rows`` decode rows: a function of the CUDA-graph
+    bucket the row count falls in, so eager steps and graph replays of one bucket compute alike."""
+    from .cuda_graphs import bucket_for
+    return _triton().splits_for(bucket_for(rows), kv_heads, device)
+
+
+_TRITON: list = []
+
+
+def _triton():
+    if not _TRITON:
+        try:
+            from . import triton_attention
+            _TRITON.append(triton_attention)
+        except Exception as exc:   # no triton (or no working compiler): gather + SDPA everywhere
+            log.warning("Triton paged attention unavailable (%s: %s); decode attention gathers instead",
+                        type(exc).__name__, exc)
+            _TRITON.append(None)
+    return _TRITON[0]
+
+
 @dataclass
 class Segment:
     """A prompt chunk in the step: ``n`` tokens after ``past`` already in the pool."""
@@ -50,6 +85,34 @@ class Segment:
     past: int
     n: int
     context: torch.Tensor | None    # slots of positions [0, past + n) when past > 0
+
+
+class _FreshBatch:
+    """Fresh prompt chunks padded to the longest: query/key row j of chunk i is packed position
+    ``index[i, j]`` (the chunk's last token repeated past its end); ``keep`` picks the real rows of
+    the flattened output, chunk after chunk."""
+
+    def __init__(self, segments: list[Segment], members: list[int], device):
+        self.members = members
+        self.sizes = [segments[i].n for i in members]
+        width = max(self.sizes)
+        pos = torch.arange(width, device=device)
+        sizes = torch.tensor(self.sizes, device=device)
+        offsets = torch.tensor([segments[i].offset for i in members], device=device)
+        self.index = offsets[:, None] + torch.minimum(pos[None, :], sizes[:, None] - 1)
+        self.valid = pos[None, :] < sizes[:, None]                      # [k, width]
+        self.keep = self.valid.reshape(-1).nonzero().squeeze(1)
+        self.pos = pos
+        self._masks: dict = {}
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            q, k = self.pos[:, None], self.pos[None, :]
+            allowed = k <= q
+            if window is not None:
+                allowed = allowed & (k > q - window)
+            self._masks[window] = (allowed[None] & self.valid[:, None, :])[:, None]   # [k, 1, width, width]
+        return self._masks[window]
 
 
 class _LayerRef:
@@ -65,12 +128,15 @@ class PagedStep:
     is_compileable = False
 
     def __init__(self, pool: KVPool, slot_mapping: torch.Tensor, rows: int, row_slots: torch.Tensor | None,
-                 row_lengths: torch.Tensor | None, segments: list[Segment]):
+                 row_lengths: torch.Tensor | None, segments: list[Segment], tables: torch.Tensor | None = None,
+                 splits: int = 0):
         self.pool = pool
         self.slot_mapping = slot_mapping   # [N]: where each token's keys/values go
         self.rows = rows
-        self.row_slots = row_slots         # [rows, T]: every row's context, padded with null slots
+        self.row_slots = row_slots         # [rows, T]: every row's context, padded with null slots (gather path)
         self.row_lengths = row_lengths     # [rows]
+        self.tables = tables               # [rows, W] block tables (kernel path: CUDA)
+        self.splits = splits               # the kernel's context splits (engine/triton_attention.py)
         self.min_len = self.max_len = 0    # shortest / longest row context (Python ints: no device sync)
         self.segments = segments
         self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -82,19 +148,23 @@ class PagedStep:
         """rows: (block table, context length incl. this step's token); chunks: (block table, past, n)."""
         bs = pool.block_size
         mapping: list[int] = []
-        row_slots = row_lengths = None
+        row_slots = row_lengths = tables = None
+        splits = 0
         if rows:
-            for table, length in rows:
-                p = length - 1
-                mapping.append(table[p // bs] * bs + p % bs)
+            mapping = row_slot_mapping(rows, bs)
             width = max(len(t) for t, _ in rows)
-            tables = torch.tensor([t + [0] * (width - len(t)) for t, _ in rows], dtype=torch.long, device=device)
             lengths = [n for _, n in rows]
-            row_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
-            pos = torch.arange(max(lengths), device=device)
-            row_slots = tables[:, pos // bs] * bs + pos % bs
-            if min(lengths) != max(lengths):
-                row_slots = row_slots.masked_fill(pos[None, :] >= row_lengths[:, None], 0)   # null slots
+            if use_kernel(device):
+                tables = torch.tensor([t + [0] * (width - len(t)) for t, _ in rows], dtype=torch.int32, device=device)
+                row_lengths = torch.tensor(lengths, dtype=torch.int32, device=device)
+                splits = decode_splits(len(rows), pool.shape.kv_heads, device)
+            else:
+                table_t = torch.tensor([t + [0] * (width - len(t)) for t, _ in rows], dtype=torch.long, device=device)
+                row_lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+                pos = torch.arange(max(lengths), device=device)
+                row_slots = table_t[:, pos // bs] * bs + pos % bs
+                if min(lengths) != max(lengths):
+                    row_slots = row_slots.masked_fill(pos[None, :] >= row_lengths[:, None], 0)   # null slots
         segments = []
         offset = len(rows)
         parts = [torch.tensor(mapping, dtype=torch.long, device=device)] if rows else []
@@ -105,7 +175,7 @@ class PagedStep:
             segments.append(Segment(offset, past, n, context))
             offset += n
         mapping_t = parts[0] if len(parts) == 1 else torch.cat(parts)
-        step = cls(pool, mapping_t, len(rows), row_slots, row_lengths, segments)
+        step = cls(pool, mapping_t, len(rows), row_slots, row_lengths, segments, tables, splits)
         if rows:
             step.min_len, step.max_len = min(lengths), max(lengths)
         return step
@@ -145,6 +215,14 @@ class PagedStep:
             self._masks[key] = mask[None, None]
         return self._masks[key]
 
+    def fresh_batch(self) -> "_FreshBatch | None":
+        """The step's prompt chunks that start their sequences, when there are several (made once per step)."""
+        if "fresh" not in self._masks:
+            members = [i for i, seg in enumerate(self.segments) if seg.context is None]
+            self._masks["fresh"] = _FreshBatch(self.segments, members, self.slot_mapping.device) \
+                if len(members) > 1 else None
+        return self._masks["fresh"]
+
     # transformers asks a few things of the object passed as the cache
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -160,14 +238,32 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
     window = kwargs.get("sliding_window")
     parts = []
     rows = step.rows
-    if rows:
+    if rows and step.tables is not None:                                # CUDA: straight from the pool
+        q = query[0, :, :rows].transpose(0, 1)                          # [rows, Hq, D]
+        parts.append(_triton().paged_decode(q, step.pool.keys[li], step.pool.values[li], step.tables,
+                                            step.row_lengths, step.pool.block_size,
+                                            scaling if scaling is not None else q.shape[-1] ** -0.5,
+                                            window, step.splits))
+    elif rows:
         k, v = step.pool.gather(li, step.row_slots)                     # [rows, T, H, D]
         q = query[0, :, :rows].transpose(0, 1).unsqueeze(2)             # [rows, Hq, 1, D]
         out, _ = sdpa_attention_forward(module, q, k.transpose(1, 2), v.transpose(1, 2), step.row_mask(window),
                                         scaling=scaling, is_causal=False)
         parts.append(out.reshape(rows, *out.shape[2:]))                 # [rows, Hq, D]
+    if not step.segments:
+        return parts[0].unsqueeze(0), None
     fresh_k, fresh_v = step._fresh
-    for seg in step.segments:
+    batched = step.fresh_batch()
+    if batched is not None:   # every chunk that starts its sequence, in one padded SDPA call
+        index = batched.index                                           # [k, width] packed positions
+        q = query[0][:, index].transpose(0, 1)                          # [k, Hq, width, D]
+        k, v = fresh_k[0][:, index].transpose(0, 1), fresh_v[0][:, index].transpose(0, 1)
+        out, _ = sdpa_attention_forward(module, q, k, v, batched.mask(window), scaling=scaling, is_causal=False)
+        pieces = dict(zip(batched.members, out.reshape(-1, *out.shape[2:])[batched.keep].split(batched.sizes)))
+    for i, seg in enumerate(step.segments):
+        if batched is not None and i in pieces:
+            parts.append(pieces[i])
+            continue
         q = query[:, :, seg.offset:seg.offset + seg.n]
         if seg.context is None:
             k = fresh_k[:, :, seg.offset:seg.offset + seg.n]
@@ -224,11 +320,18 @@ def install(model, cache_kw: str, device) -> bool:
     if not layer_types <= {"full_attention", "sliding_attention"}:
         log.info("paged steps off: the model has non-attention layers (%s)", sorted(layer_types))
         return False
-    try:
-        model.set_attn_implementation(NAME)
-        ok, err = _self_test(model, cache_kw, device)
-    except Exception as exc:   # an architecture that does not fit: keep the fallback path
-        ok, err = False, f"{type(exc).__name__}: {exc}"
+    def attempt():
+        try:
+            return _self_test(model, cache_kw, device)
+        except Exception as exc:   # an architecture that does not fit: keep the fallback path
+            return False, f"{type(exc).__name__}: {exc}"
+
+    model.set_attn_implementation(NAME)
+    ok, err = attempt()
+    if not ok and use_kernel(device):   # the Triton kernel at fault? decode rows can gather instead
+        log.warning("paged self-test failed with the Triton decode kernel (%s); trying without it", err)
+        _TRITON[:] = [None]
+        ok, err = attempt()
     if not ok:
         log.warning("paged steps off for this model (self-test: %s); using the fallback path", err)
         model.set_attn_implementation(original)

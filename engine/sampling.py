@@ -44,20 +44,23 @@ class RowState:
         self.num_generated = 0
 
     @property
-    def needs_row_processing(self) -> bool:
+    def masks_eos(self) -> bool:
+        """EOS is barred this step (ignore_eos, min_tokens); a constraint decides EOS itself."""
         p = self.params
-        return (self.counts is not None or self.constraint is not None or self.bias is not None
-                or (p.ignore_eos or self.num_generated < p.min_tokens))
+        return (p.ignore_eos or self.num_generated < p.min_tokens) and self.constraint is None
+
+    @property
+    def needs_row_processing(self) -> bool:
+        """Per-row work beyond EOS masking (which sample_batch does for all rows at once)."""
+        return self.counts is not None or self.constraint is not None or self.bias is not None
 
     def process(self, row: torch.Tensor) -> None:
-        """In-place: logit_bias, penalties (OpenAI's additive form), EOS masking, constraint mask."""
+        """In-place: logit_bias, penalties (OpenAI's additive form), constraint mask."""
         p = self.params
         if self.bias is not None:
             row.index_add_(0, self.bias[0], self.bias[1])
         if self.counts is not None:
             row -= self.counts * p.frequency_penalty + (self.counts > 0).to(row.dtype) * p.presence_penalty
-        if (p.ignore_eos or self.num_generated < p.min_tokens) and self.constraint is None:
-            row[self.eos_ids] = float("-inf")   # (a constraint decides where EOS may go)
         if self.constraint is not None:
             self.constraint.mask_logits(row)
 
@@ -67,6 +70,16 @@ class RowState:
             self.counts[token_id] += 1.0
         if self.constraint is not None:
             self.constraint.advance(token_id)
+
+
+_EOS_INDEX: dict = {}
+
+
+def _eos_index(eos_ids: list[int], device) -> torch.Tensor:
+    key = (tuple(eos_ids), str(device))
+    if key not in _EOS_INDEX:
+        _EOS_INDEX[key] = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    return _EOS_INDEX[key]
 
 
 def sample_batch(logits: torch.Tensor, rows: list[RowState],
@@ -90,6 +103,11 @@ def sample_batch(logits: torch.Tensor, rows: list[RowState],
     want_lp = any(r.params.logprobs for r in rows)
     raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
     failed: dict[int, Exception] = errors if errors is not None else {}
+    barred = [i for i, r in enumerate(rows) if r.masks_eos and r.eos_ids]
+    if barred:   # one indexed write for every row that may not end yet
+        dev = logits.device
+        logits[torch.tensor(barred, device=dev)[:, None], _eos_index(rows[barred[0]].eos_ids, dev)[None, :]] = \
+            float("-inf")
     for i, r in enumerate(rows):
         if r.needs_row_processing:
             try:

@@ -446,3 +446,40 @@ def test_prompt_logprobs_equal_log_softmax_of_the_model_logits_alone_and_in_a_bu
     assert len(generated[0].prompt_logprobs) == len(ids)
     assert result(generated) == result(asyncio.run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=20,
                                                                                       ignore_eos=True))))
+
+
+def test_decode_steps_on_graph_buffers_give_the_eager_tokens(tiny_model_dir):
+    """The CUDA-graph path's static buffers (emulated off CUDA: same buffers, padding and buckets,
+    no capture): 11 requests of different lengths, so the batch shrinks through buckets 16, 8, 4,
+    2, 1 as they finish, and a pool small enough to preempt: every request's tokens equal eager steps'."""
+    cases = [(PROMPTS[i % len(PROMPTS)] * (1 + i % 3),
+              SamplingParams(temperature=0 if i % 2 else 0.9, seed=i, max_tokens=4 + 5 * i, ignore_eos=True))
+             for i in range(11)]
+
+    def run(engine):
+        async def go():
+            return await asyncio.gather(*[collect(engine, prompt_ids(engine, t), p, f"r{i}")
+                                          for i, (t, p) in enumerate(cases)])
+        return [result(r) for r in asyncio.run(go())]
+
+    eager = make_engine(tiny_model_dir, decode_graphs="off", max_running=16)
+    graphs = make_engine(tiny_model_dir, decode_graphs="emulate", max_running=16)
+    tight = make_engine(tiny_model_dir, decode_graphs="emulate", max_running=16, kv_cache_blocks=24)
+    try:
+        assert eager.graphs is None and graphs.graphs.buckets == [1, 2, 4, 8, 16]
+        expected = run(eager)
+        assert run(graphs) == expected
+        assert graphs.stats["graph_steps"] > 0 and graphs.stats["graph_steps"] == graphs.graphs.replays
+        assert run(tight) == expected
+        assert tight.stats["preemptions"] > 0 and tight.stats["kv_blocks_used"] == 0
+    finally:
+        for e in (eager, graphs, tight):
+            e.stop()
+
+
+def test_graph_buckets_are_vllms():
+    from engine.cuda_graphs import bucket_for, buckets_up_to
+    assert buckets_up_to(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert buckets_up_to(12) == [1, 2, 4, 8, 12]
+    assert buckets_up_to(1) == [1]
+    assert [bucket_for(n, buckets_up_to(64)) for n in (1, 3, 5, 9, 17, 63)] == [1, 4, 8, 16, 24, 64]
