@@ -158,11 +158,15 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     """The root logger's one handler (stderr), in the text or JSON format; uvicorn's loggers write
-    through it too (cli.py passes uvicorn no logging config of its own), and in JSON transformers'."""
+    through it too (cli.py passes uvicorn no logging config of its own), and in JSON transformers'.
+    Like logging.basicConfig, it changes nothing where logging was configured before."""
+    root = logging.getLogger()
+    if any(not getattr(h, "chatserve", False) for h in root.handlers):
+        return      # configured already (a test runner, a program running the server): left as it is
     handler = logging.StreamHandler()
+    handler.chatserve = True
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(RequestIdFilter())
-    root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
