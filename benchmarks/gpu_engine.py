@@ -191,7 +191,11 @@ def main() -> int:
     ap.add_argument("--no-eager", action="store_true", help="skip the enforce_eager comparison")
     ap.add_argument("--skip-cb", action="store_true", help="skip transformers' continuous batching")
     ap.add_argument("--output", default=None, help="also write every line to this JSON file")
+    ap.add_argument("--switch-interval", type=float, default=0.005,
+                    help="sys.setswitchinterval: how long the event loop may hold the GIL while the engine thread "
+                         "waits for it after a CUDA sync (Python's default 0.005 s)")
     args = ap.parse_args()
+    sys.setswitchinterval(args.switch_interval)
 
     import torch
     import transformers

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -402,37 +403,60 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             d.update(usage_null)
             return _sse(d)
 
+        # A plain content chunk is the same JSON every time but for its text: made once through the
+        # models above, then filled by string concatenation (the front end frames thousands a second).
+        marker = "\x00chatserve-content\x00"
+        encoded = json.dumps(marker, ensure_ascii=False)
+        prefix, _, suffix = chunk(Delta(content=marker)).partition(encoded)
+
+        def content_chunk(text: str) -> str:
+            return prefix + json.dumps(text, ensure_ascii=False) + suffix
+
         last = first
         calls = ToolCallFramer(engine.tool_family) if _wants_tools(v) else None
+        ready = getattr(stream, "ready", list)   # events already delivered: sent in the same write
+        backlog: collections.deque = collections.deque()
         try:
-            yield chunk(Delta(role="assistant", content=""))
+            out = [chunk(Delta(role="assistant", content=""))]
             event = first
             while True:
                 last = event
                 if event.finish_reason == "error":
-                    yield _sse(APIError(500, event.error or "generation failed", code="engine_error").body())
+                    out.append(_sse(APIError(500, event.error or "generation failed", code="engine_error").body()))
                     break
                 lp = ChoiceLogprobs(content=_logprobs_out(event.logprobs)) if v.params.logprobs and event.logprobs else None
-                if calls is None:
-                    deltas = [Delta(content=event.text)] if event.text else []
+                if calls is None and lp is None:
+                    if event.text:
+                        out.append(content_chunk(event.text))
                 else:
-                    deltas = calls.feed(event.text, final=event.finish_reason is not None)
-                if lp is not None and not deltas:
-                    deltas = [Delta(content="")]
-                for i, delta in enumerate(deltas):
-                    yield chunk(delta, logprobs=lp if i == 0 else None)
+                    if calls is None:
+                        deltas = [Delta(content=event.text)] if event.text else []
+                    else:
+                        deltas = calls.feed(event.text, final=event.finish_reason is not None)
+                    if lp is not None and not deltas:
+                        deltas = [Delta(content="")]
+                    for i, delta in enumerate(deltas):
+                        out.append(chunk(delta, logprobs=lp if i == 0 else None))
                 if event.finish_reason is not None:
                     finish = event.finish_reason
                     if calls is not None and calls.count and finish == "stop":
                         finish = "tool_calls"
-                    yield chunk(Delta(), finish=finish)
+                    out.append(chunk(Delta(), finish=finish))
                     if v.include_usage:
                         d = ChatCompletionChunk(**meta, choices=[], usage=_usage(event)).model_dump(mode="json")
-                        yield _sse(d)
+                        out.append(_sse(d))
                     break
+                if not backlog:
+                    backlog.extend(ready())
+                if backlog:   # this client fell behind by a few steps: catch up in one write
+                    event = backlog.popleft()
+                    continue
+                yield "".join(out)
+                out = []
                 event = await stream.__anext__()
             _done(request, last, t0)
-            yield "data: [DONE]\n\n"
+            out.append("data: [DONE]\n\n")
+            yield "".join(out)
         except asyncio.CancelledError:
             log.info("%s client disconnected after %d tokens; aborted", meta["id"], last.completion_tokens)
             raise

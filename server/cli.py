@@ -32,9 +32,13 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", type=int, help="sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, help="queued requests beyond the running ones; more get 429 (default 256)")
     p.add_argument("--queue-timeout", type=float, help="seconds a request may wait to start before a 503 (default 300)")
-    p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled per engine step (default 512)")
+    p.add_argument("--prefill-chunk", type=int,
+                   help="prompt tokens prefilled per engine step (default 512; on CUDA 2048)")
     p.add_argument("--max-newcomers", type=int,
-                   help="prompts started per step while others decode (default 1; more when many wait for free rows)")
+                   help="prompts started per step while others decode (default 1, more when many wait for free "
+                        "rows; on CUDA as many as the prefill chunk holds)")
+    p.add_argument("--enforce-eager", action="store_const", const=True,
+                   help="CUDA: no CUDA graphs; every decode step runs eagerly (slower; for debugging)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_const", const=False,
                    help="do not reuse KV blocks between prompts that start the same way")
     p.add_argument("--kv-cache-memory-fraction", type=float,
@@ -144,7 +148,7 @@ def build_app(settings: ServeSettings | dict):
                 max_running=m["max_running"], max_waiting=m["max_waiting"], queue_timeout=m["queue_timeout"],
                 prefill_chunk=m["prefill_chunk"], max_newcomers=m["max_newcomers"], prefix_cache=m["prefix_cache"],
                 packed=m["packed"], block_size=m["block_size"], kv_cache_memory_fraction=fractions[i],
-                kv_cache_gb=m["kv_cache_gb"])).start()
+                kv_cache_gb=m["kv_cache_gb"], enforce_eager=m["enforce_eager"])).start()
             engines.append(built[i])
         engines = [built[i] for i in range(len(loaded))]
         for engine, m in zip(engines, settings.models):

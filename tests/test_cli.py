@@ -22,7 +22,10 @@ def settings(argv):
 
 def test_defaults_turn_packed_steps_and_the_prefix_cache_on():
     s = settings([])
-    assert s["packed"] is True and s["prefix_cache"] is True and s["max_newcomers"] == 1
+    assert s["packed"] is True and s["prefix_cache"] is True and s["enforce_eager"] is False
+    # the engine picks these by device (tests/test_engine.py: 1 and 512 on CPU)
+    assert s["max_newcomers"] is None and s["prefill_chunk"] is None
+    assert settings(["--enforce-eager"])["enforce_eager"] is True
     assert s["kv_cache_gb"] is None and s["block_size"] == 16
 
 

@@ -467,6 +467,7 @@ def test_decode_steps_on_graph_buffers_give_the_eager_tokens(tiny_model_dir):
     tight = make_engine(tiny_model_dir, decode_graphs="emulate", max_running=16, kv_cache_blocks=24)
     try:
         assert eager.graphs is None and graphs.graphs.buckets == [1, 2, 4, 8, 16]
+        assert (eager.config.max_newcomers, eager.config.prefill_chunk) == (1, 512)   # CPU defaults
         expected = run(eager)
         assert run(graphs) == expected
         assert graphs.stats["graph_steps"] > 0 and graphs.stats["graph_steps"] == graphs.graphs.replays
