@@ -526,7 +526,7 @@ class Engine:
         if self.packed:
             self._run_paged(out)
         else:
-            out = self._run_unpacked(sched.prefill_work(self._begin), out)
+            self._run_unpacked(sched.prefill_work(self._begin), out)
         finished = [i for i, s in enumerate(sched.running) if s.finished]
         if finished:
             sched.remove_rows(finished)
@@ -631,7 +631,7 @@ class Engine:
         self.stats["time_sample_s"] += t1 - t0
         self.stats["time_postprocess_s"] += time.perf_counter() - t1
 
-    def _run_unpacked(self, work: list[tuple[Sequence, int]], out) -> list:
+    def _run_unpacked(self, work: list[tuple[Sequence, int]], out) -> None:
         """Fallback for models packed steps do not fit: a batch-1 forward per prefill chunk, then
         one decode forward over the running rows."""
         sched = self.scheduler
@@ -642,7 +642,7 @@ class Engine:
             self._start_decoding(seq)
             self._sample_and_postprocess(logits, [seq], out)
             self._deliver(out)   # its first token goes out now, not after the rest of the step
-            out = []
+            out.clear()
         finished = [i for i, s in enumerate(sched.running) if s.finished]
         if finished:
             sched.remove_rows(finished)
@@ -653,7 +653,6 @@ class Engine:
             self.stats["decode_steps"] += 1
             self.stats["decode_rows"] += len(sched.running)
             self._sample_and_postprocess(logits, list(sched.running), out)
-        return out
 
     def _prefill(self, seq: Sequence, n: int) -> torch.Tensor:
         start = seq.num_prefilled
@@ -681,8 +680,6 @@ class Engine:
         params = seq.request.params
         seq.append(token)
         seq.row.accept(token)
-        if seq.first_token_at is None:
-            seq.first_token_at = time.monotonic()
         is_eos = token in self.eos_ids and not params.ignore_eos
         if params.logprobs and (not is_eos or params.eos_logprob):
             seq.pending_logprobs.append(logprob_entries(raw_lp, i, token, params.top_logprobs, self.texts))

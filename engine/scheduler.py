@@ -55,7 +55,6 @@ class Sequence:
     pending_logprobs: list = field(default_factory=list)
     aborted: bool = False
     finished: bool = False
-    first_token_at: float | None = None
 
     def __post_init__(self):
         if not self.token_ids:
