@@ -11,6 +11,7 @@ its behaviour from the prompt text, so the expected counts are exact:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import socket
@@ -185,7 +186,7 @@ def test_cli_writes_json_and_png(fake_server, tmp_path, monkeypatch, capsys):
     prompt_file = tmp_path / "prompts.jsonl"
     prompt_file.write_text('"a story"\n{"prompt": "REJECT me"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
     out = tmp_path / "out" / "res.json"
-    parser = bench.argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(
         ["--base-url", base, "--concurrency", "1,3", "--num-requests", "6", "--max-tokens", "8",
@@ -213,7 +214,7 @@ def test_cli_writes_json_and_png(fake_server, tmp_path, monkeypatch, capsys):
 
 def test_request_rate_rejects_concurrency_list(fake_server, tmp_path, capsys):
     base, _ = fake_server
-    parser = bench.argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(["--base-url", base, "--request-rate", "5", "--concurrency", "1,2",
                               "--output", str(tmp_path / "x.json")])
