@@ -1,14 +1,14 @@
 """Tool calls in the output -> OpenAI's message.tool_calls and streamed tool_calls deltas.
 
-The parsing is engine.tools' (per model family); this module only frames it for the wire.
+The parsing is tool_parser's (per model family, with engine.tools' formats); this module only
+frames its events for the wire.
 """
 from __future__ import annotations
 
 import secrets
 
-from engine.tools import ToolCallStreamParser, parse_tool_calls
-
 from .protocol import Delta, FunctionDelta, ToolCallDelta
+from .tool_parser import CallArgs, CallStart, Content, ToolCallStreamParser, parse_tool_calls
 
 __all__ = ["ToolCallFramer", "new_call_id", "parse_tool_calls"]
 
@@ -34,13 +34,14 @@ class ToolCallFramer:
             events += self.parser.finish()
         deltas: list[Delta] = []
         for ev in events:
-            if ev[0] == "content":
-                if ev[1]:
-                    deltas.append(Delta(content=ev[1]))
-            elif ev[0] == "call_start":
+            if isinstance(ev, Content):
+                if ev.text:
+                    deltas.append(Delta(content=ev.text))
+            elif isinstance(ev, CallStart):
                 self.count += 1
-                deltas.append(Delta(tool_calls=[ToolCallDelta(index=ev[1], id=new_call_id(), type="function",
-                                                              function=FunctionDelta(name=ev[2], arguments=""))]))
-            elif ev[0] == "args" and ev[2]:
-                deltas.append(Delta(tool_calls=[ToolCallDelta(index=ev[1], function=FunctionDelta(arguments=ev[2]))]))
+                deltas.append(Delta(tool_calls=[ToolCallDelta(index=ev.index, id=new_call_id(), type="function",
+                                                              function=FunctionDelta(name=ev.name, arguments=""))]))
+            elif isinstance(ev, CallArgs) and ev.fragment:
+                deltas.append(Delta(tool_calls=[ToolCallDelta(index=ev.index,
+                                                              function=FunctionDelta(arguments=ev.fragment))]))
         return deltas

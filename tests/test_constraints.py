@@ -1,5 +1,5 @@
 """Engine-level tests of constrained decoding (engine.constraints) and tool-call
-formats / parsing (engine.tools).
+formats (engine.tools) and their parsing (server.tool_parser).
 
 A fake "model" (random logits from a seeded torch.Generator, with a bias towards
 closing characters so outputs finish quickly) drives ConstraintState objects exactly
@@ -28,8 +28,9 @@ import torch
 from engine.constraints import (ConstraintCompiler, ConstraintError, ConstraintTooComplex,
                                 ConstraintViolation, get_token_vocab)
 from engine.request import ConstraintSpec
-from engine.tools import (FAMILIES, ToolCallStreamParser, collect_events, default_tool_prompt,
-                          detect_family, parse_tool_calls, template_supports_tools)
+from engine.tools import FAMILIES, default_tool_prompt, detect_family, template_supports_tools
+from server.tool_parser import (CallArgs, CallEnd, CallStart, Content, ToolCallStreamParser, collect_events,
+                                parse_tool_calls)
 from tiny_models import build_tokenizer
 
 def _smol_path() -> Path | None:
@@ -520,8 +521,8 @@ def _check_calls(text, family, allowed, *, parallel):
             i += k
         events += p.finish()
         assert collect_events(events) == (content, calls)
-        starts = [e for e in events if e[0] == "call_start"]
-        assert [e[2] for e in starts] == [c["name"] for c in calls]
+        starts = [e for e in events if isinstance(e, CallStart)]
+        assert [e.name for e in starts] == [c["name"] for c in calls]
     return calls
 
 
@@ -719,7 +720,7 @@ def test_tools_none_is_free(tiny_tok):
 
 
 # ---------------------------------------------------------------------------------------
-# engine.tools: families, prompts, parsing
+# engine.tools: families, prompts; server.tool_parser: parsing
 # ---------------------------------------------------------------------------------------
 
 def test_detect_family_and_template_support(tiny_tok):
@@ -788,11 +789,11 @@ def test_parse_and_stream(family, text, content, calls):
             i += k
         events += p.finish()
         assert collect_events(events) == got
-        # event order: call_start before its args, call_end last
+        # event order: CallStart before its CallArgs, CallEnd last
         for idx in range(len(calls)):
-            kinds = [e[0] for e in events if e[0] != "content" and e[1] == idx]
-            assert kinds[0] == "call_start" and kinds[-1] == "call_end"
-            assert set(kinds[1:-1]) <= {"args"}
+            kinds = [type(e) for e in events if not isinstance(e, Content) and e.index == idx]
+            assert kinds[0] is CallStart and kinds[-1] is CallEnd
+            assert set(kinds[1:-1]) <= {CallArgs}
 
 
 def test_stream_args_are_incremental():
@@ -803,10 +804,10 @@ def test_stream_args_are_incremental():
     for ch in text:
         events += p.feed(ch)
     events += p.finish()
-    frags = [e[2] for e in events if e[0] == "args"]
+    frags = [e.fragment for e in events if isinstance(e, CallArgs)]
     assert len(frags) > 10                                  # streamed, not one blob
     assert "".join(frags) == '{"query": "a long query text", "limit": 5}'
-    assert events[0] == ("call_start", 0, "search")
+    assert events[0] == CallStart(0, "search")
 
 
 def test_truncated_call_reported():
@@ -823,7 +824,7 @@ def test_truncated_call_reported():
     for cut in (first[:-8], first + "<tool_call>\n{\""):       # the same when streamed
         p = ToolCallStreamParser("hermes")
         events = [e for ch in cut for e in p.feed(ch)] + p.finish()
-        assert not [e for e in events if e[0] == "content"]
+        assert not [e for e in events if isinstance(e, Content)]
     # an opener followed by something that is not a call header stays content
     assert parse_tool_calls("Hi <tool_call> is a tag", "hermes") == ("Hi <tool_call> is a tag", [])
 
