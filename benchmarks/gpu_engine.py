@@ -15,7 +15,7 @@ targets of the GPU-engine issue. Figures, for each shape:
 * long_context: c=8 requests of 128-token and of --long-prompt-token prompts: decode tokens/s
   while all 8 decode together (between the last first token and the first finish), and the fall.
 * http: the whole server (FastAPI + SSE) in this process, loaded from a subprocess with
-  server/bench.py's run_load (128-word prompts), c = 1, 32, 64.
+  server.bench's run_load (128-word prompts), c = 1, 32, 64.
 * transformers_cb: ``model.init_continuous_batching`` (what ``transformers serve
   --continuous-batching`` runs), all requests at once.
 
