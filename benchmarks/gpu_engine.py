@@ -247,7 +247,7 @@ def main() -> int:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, V, (P,), generator=g).tolist() for _ in range(256)]
 
-        def generate(n: int) -> float:
+        def generate(n: int, model=model, prompts=prompts) -> float:
             ids = torch.tensor(prompts[:n], device=dev)
             sync()
             t = time.perf_counter()
