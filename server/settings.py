@@ -37,7 +37,7 @@ SERVE_DEFAULTS = dict(model=None, revision=None, gguf_file=None, served_model_na
                       allowed_origins=None)
 SERVE_DEFAULTS.update(playground=True)     # the browser page at / and /playground
 SERVE_DEFAULTS.update(drain_timeout=30.0, protect_metrics=False)
-# constraint compiles (response_format json_schema / tools): see engine/constraints.py, "Limits"
+# constraint compiles (response_format json_schema / tools): see engine/constraints/limits.py
 SERVE_DEFAULTS.update(compile_timeout=10.0, compile_workers=2, compile_memory_gb=4.0, max_constraint_regex=100_000,
                       max_constraint_states=None, max_constraint_transitions=10_000_000)
 

@@ -1,5 +1,5 @@
 """Constraint compile limits: the complexity budget checked before compiling, and compiles that
-really stop (engine.compile_worker).
+really stop (engine.constraints.compile_worker).
 
 A schema over the budget is refused in milliseconds with a message naming the limit; a compile
 that passes its timeout has its worker process killed: afterwards that process is gone, nothing
@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from conftest import make_engine, serve_engine
-from engine.compile_worker import CompilePool
+from engine.constraints.compile_worker import CompilePool
 from engine.constraints import ConstraintBusy, ConstraintCompiler, ConstraintLimits, ConstraintTooComplex
 from engine.request import ConstraintSpec
 from server.cli import _configure_constraints, _serve_parser, resolve_serve_args

@@ -14,8 +14,9 @@ once and its memory goes back to the OS with the process. The next compile gets 
   threads (engine loop, uvicorn, torch's pools) and forking those is unsafe. It is started with
   subprocess rather than multiprocessing's 'spawn' context because that one re-runs the parent's
   ``__main__`` script in the child, which breaks (and recurses in) any script that builds an
-  engine without an ``if __name__ == "__main__"`` guard. This module imports no torch, so a
-  worker only loads outlines_core; its end of a ``multiprocessing.Pipe`` is passed as an fd.
+  engine without an ``if __name__ == "__main__"`` guard. Neither this module nor the package's
+  ``__init__`` imports torch or numpy, so a worker only loads outlines_core; its end of a
+  ``multiprocessing.Pipe`` is passed as an fd.
 * At most ``max_workers`` compiles run at once (one core each: outlines builds an Index on one
   thread); more wait for a free worker, within their own deadline.
 * Each worker runs under an address-space limit (``RLIMIT_AS``, ``memory_limit``): a schema whose
@@ -50,7 +51,8 @@ __all__ = ["CompilePool", "CompileTimeout", "CompilerBusy", "CompilerUnavailable
 
 _WIDE = 64        # a probe state allowing more bytes than this is "inside a string": ~every token fits
 _VOCABS_KEPT = 4  # vocabularies a worker keeps (one per tokenizer + tool-tag variant)
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # holds the engine package
+# the folder that holds the engine package (engine/constraints/compile_worker.py -> three levels up)
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class CompileTimeout(Exception):
@@ -222,7 +224,7 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from engine.compile_worker import _child_main; "
+                [sys.executable, "-c", "import sys; from engine.constraints.compile_worker import _child_main; "
                  "_child_main(int(sys.argv[1]), int(sys.argv[2]))",
                  str(child_end.fileno()), str(memory_limit or 0)],
                 pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
