@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.middleware.cors import CORSMiddleware
 
-from engine.constraints import ConstraintError, ConstraintTooComplex
+from engine.constraints.errors import ConstraintError, ConstraintTooComplex
 from engine.request import GenerationRequest
 from engine.scheduler import EngineOverloaded
 

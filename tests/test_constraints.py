@@ -457,6 +457,17 @@ def test_bad_specs(tiny_tok):
                                   tools=[{"name": "bad", "parameters": {"type": 3}}]))
 
 
+def test_errors_and_checks_import_without_torch():
+    # the server imports the constraint errors and schema checks: they must not load the engine's
+    # tensor libraries (a fresh interpreter, since this one has torch loaded already)
+    import subprocess
+    import sys
+    code = ("import sys, engine.constraints.errors, engine.constraints.schemas, server.validation; "
+            "heavy = [m for m in ('torch', 'numpy', 'outlines_core') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
 def test_cache_hit(tiny_tok):
     cc = ConstraintCompiler(tiny_tok)
     schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
