@@ -11,9 +11,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import jsonschema
 from pydantic import ValidationError
 
+from engine.constraints.errors import ConstraintError
+from engine.constraints.schemas import check_schema, check_tools
 from engine.prompt import PromptError, PromptTooLong
 from engine.request import ConstraintSpec, SamplingParams
 
@@ -330,17 +331,12 @@ def tokenize_and_fit(v: ValidatedCompletion, engine) -> None:
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def _check_schema(schema, param: str, what: str) -> None:
-    if not isinstance(schema, dict):
-        raise bad_request(f"{what} must be a JSON schema object", param=param, code="invalid_schema")
+def _check_schema(schema, param: str) -> None:
+    """The engine's rule (engine.constraints.schemas.check_schema), as a 400 naming ``param``."""
     try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-        raise bad_request(f"{what} is not a valid JSON schema: {exc.message} (at {where})", param=param,
-                          code="invalid_schema") from None
-    except Exception as exc:   # e.g. an unresolvable $schema
-        raise bad_request(f"{what} is not a valid JSON schema: {exc}", param=param, code="invalid_schema") from None
+        check_schema(schema, param)
+    except ConstraintError as exc:
+        raise bad_request(str(exc), param=param, code="invalid_schema") from None
 
 
 def _response_format(rf: dict | None) -> ConstraintSpec | None:
@@ -356,7 +352,7 @@ def _response_format(rf: dict | None) -> ConstraintSpec | None:
             value = value["schema"]
         if value is None or value == {}:
             return ConstraintSpec(kind="json_object")
-        _check_schema(value, "response_format.value", "response_format.value")
+        _check_schema(value, "response_format.value")
         return ConstraintSpec(kind="json_schema", schema=value)
     if kind == "json_object":
         return ConstraintSpec(kind="json_object")
@@ -373,7 +369,7 @@ def _response_format(rf: dict | None) -> ConstraintSpec | None:
         # compiling {} itself runs outlines past the compile timeout, a 400 for a valid request
         if schema is None or schema == {}:
             return ConstraintSpec(kind="json_object")
-        _check_schema(schema, "response_format.json_schema.schema", "response_format.json_schema.schema")
+        _check_schema(schema, "response_format.json_schema.schema")
         return ConstraintSpec(kind="json_schema", schema=schema)
     raise bad_request(f"response_format.type must be one of text, json_object, json_schema; got {kind!r}",
                       param="response_format.type", code="invalid_value")
@@ -388,7 +384,7 @@ def _structured_output(req: ChatCompletionRequest) -> tuple[ConstraintSpec | Non
         if req.tools is not None:
             raise bad_request("tools must not be empty", param="tools", code="invalid_value")
         return rf, None
-    tools, names = [], set()
+    tools = []
     for i, tool in enumerate(req.tools):
         fn = tool.function
         if tool.type != "function":
@@ -396,13 +392,14 @@ def _structured_output(req: ChatCompletionRequest) -> tuple[ConstraintSpec | Non
         if not TOOL_NAME.match(fn.name):
             raise bad_request(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'; got {fn.name!r}",
                               param=f"tools[{i}].function.name", code="invalid_value")
-        if fn.name in names:
-            raise bad_request(f"duplicate tool name {fn.name!r}", param=f"tools[{i}].function.name",
-                              code="invalid_value")
-        names.add(fn.name)
         params = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
-        _check_schema(params, f"tools[{i}].function.parameters", f"tools[{i}].function.parameters")
         tools.append({"name": fn.name, "description": fn.description or "", "parameters": params})
+    try:
+        names = set(check_tools(tools))     # unique names, valid parameter schemas: the engine's rules
+    except ConstraintError as exc:
+        param = f"tools[{exc.tool_index}].function.{exc.tool_field}" if exc.tool_index is not None else "tools"
+        raise bad_request(str(exc), param=param,
+                          code="invalid_schema" if exc.tool_field == "parameters" else "invalid_value") from None
     choice = req.tool_choice if req.tool_choice is not None else "auto"
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):

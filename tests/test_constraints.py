@@ -457,6 +457,18 @@ def test_bad_specs(tiny_tok):
                                   tools=[{"name": "bad", "parameters": {"type": 3}}]))
 
 
+def test_tool_errors_name_the_tool_and_field():
+    # the server turns these into the param of its 400 (tools[i].function.name / .parameters)
+    from engine.constraints import check_tools
+    assert list(check_tools(TOOLS)) == [t["name"] for t in TOOLS]
+    with pytest.raises(ConstraintError, match="duplicate") as ei:
+        check_tools(TOOLS + TOOLS[:1])
+    assert (ei.value.tool_index, ei.value.tool_field) == (len(TOOLS), "name")
+    with pytest.raises(ConstraintError, match="not a valid JSON schema") as ei:
+        check_tools([TOOLS[0], {"name": "bad", "parameters": {"type": 3}}])
+    assert (ei.value.tool_index, ei.value.tool_field) == (1, "parameters")
+
+
 def test_errors_and_checks_import_without_torch():
     # the server imports the constraint errors and schema checks: they must not load the engine's
     # tensor libraries (a fresh interpreter, since this one has torch loaded already)
