@@ -178,14 +178,16 @@ class PromptRenderer:
     def with_tools(self, messages: list[dict], tools: list[dict] | None, tool_prompt: str | None):
         """Messages plus the tool text to put in the system message, and the template's tools kwarg.
 
-        A template that renders tools gets them (OpenAI shape); otherwise the tool definitions and
-        the instructions (``tool_prompt`` overrides the default wording) go into the system
-        message. A tool_prompt given with a tool-aware template is added to the system message.
+        ``tools`` are in OpenAI's shape (``{"type": "function", "function": {"name", "description",
+        "parameters"}}``), the shape chat templates take. A template that renders tools gets them as
+        they are; otherwise the tool definitions and the instructions (``tool_prompt`` overrides the
+        default wording) go into the system message. A tool_prompt given with a tool-aware template
+        is added to the system message.
         """
         if not tools:
             return messages, {}
         if self.template_tools:
-            kwargs = {"tools": [{"type": "function", "function": t} for t in tools]}
+            kwargs = {"tools": tools}
             text = tool_prompt
         else:
             kwargs = {}

@@ -47,7 +47,9 @@ class ConstraintSpec:
 
     kind: "json_object" | "json_schema" | "tools"
     schema: the JSON schema (json_schema).
-    tools: list of {"name", "description", "parameters"} (tools).
+    tools: the tool definitions (tools), in OpenAI's shape {"type": "function", "function":
+      {"name", "description", "parameters"}} as the server passes them (flat
+      {"name", "description", "parameters"} dicts are accepted too).
     tool_choice: "auto" | "required" | a tool name (tools).
     parallel_tool_calls: allow more than one call (tools).
     """

@@ -38,7 +38,7 @@ class ValidatedRequest:
     include_usage: bool
     prompt_ids: list[int] = field(default_factory=list)
     constraint: ConstraintSpec | None = None
-    tools: list[dict] | None = None
+    tools: list[dict] | None = None               # OpenAI's shape: {"type": "function", "function": {...}}
     images: list = field(default_factory=list)    # decoded images (server/media.py), in message order
     multimodal: object = None                     # the engine's MultimodalInputs for them (opaque here)
 
@@ -393,7 +393,9 @@ def _structured_output(req: ChatCompletionRequest) -> tuple[ConstraintSpec | Non
             raise bad_request(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'; got {fn.name!r}",
                               param=f"tools[{i}].function.name", code="invalid_value")
         params = fn.parameters if fn.parameters is not None else {"type": "object", "properties": {}}
-        tools.append({"name": fn.name, "description": fn.description or "", "parameters": params})
+        # OpenAI's shape, which the engine takes as it is (chat templates render it; the compiler reads it)
+        tools.append({"type": "function",
+                      "function": {"name": fn.name, "description": fn.description or "", "parameters": params}})
     try:
         names = set(check_tools(tools))     # unique names, valid parameter schemas: the engine's rules
     except ConstraintError as exc:

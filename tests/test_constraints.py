@@ -469,6 +469,15 @@ def test_tool_errors_name_the_tool_and_field():
     assert (ei.value.tool_index, ei.value.tool_field) == (1, "parameters")
 
 
+def test_tools_in_openai_shape_compile_like_flat_ones(tiny_tok):
+    # the server passes tool definitions in OpenAI's shape; direct callers may pass them flat
+    cc = compiler(tiny_tok)
+    wrapped = [{"type": "function", "function": t} for t in TOOLS]
+    a = cc.compile(ConstraintSpec(kind="tools", tools=wrapped, tool_choice="required"))
+    b = cc.compile(ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="required"))
+    assert a.regex == b.regex and a.tool_names == b.tool_names == tuple(t["name"] for t in TOOLS)
+
+
 def test_errors_and_checks_import_without_torch():
     # the server imports the constraint errors and schema checks: they must not load the engine's
     # tensor libraries (a fresh interpreter, since this one has torch loaded already)
