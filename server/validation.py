@@ -2,7 +2,11 @@
 -> engine request.
 
 Nothing reaches the engine unchecked; every problem becomes an APIError (4xx, OpenAI's shape)
-naming the offending field.
+naming the offending field. A schema's validity and a tool set's names and parameter schemas are
+checked by the engine's own rules (engine.constraints.schemas), called from here; the rest of what
+a constraint must meet (keywords outlines can enforce, characters it can spell, the complexity
+budget) the compiler checks when the app compiles it, and the app turns its ConstraintError into a
+400 or 429.
 """
 from __future__ import annotations
 

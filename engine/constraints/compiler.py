@@ -85,7 +85,7 @@ class ConstraintCompiler:
       (default :func:`build_json_object_regex`).
     limits: the complexity budget (:class:`ConstraintLimits`; default: its defaults).
     pool: the compile worker pool (default: the process-wide
-      :func:`engine.compile_worker.default_pool`).
+      :func:`engine.constraints.compile_worker.default_pool`).
     """
 
     def __init__(self, tokenizer, *, vocab_size: int | None = None, eos_token_ids=None,
