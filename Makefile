@@ -3,6 +3,7 @@
 #   make serve            # create .venv, install, fetch SmolLM2-135M-Instruct, serve on 127.0.0.1:8000
 #   make serve PORT=8123 MODEL=/path/to/model ARGS="--api-key secret"
 #   make test             # same install, then pytest (PYTEST_ARGS="-k foo -x" to narrow)
+#   make lint             # ruff check + ruff format --check (make test runs it)
 #   make browser          # Debian's chromium for the playground's browser tests (make test runs it)
 #   make bench            # same install, then benchmarks/run_all.py $(ARGS)
 #   make clean            # remove the venv and caches
@@ -31,7 +32,7 @@ STAMP   := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: venv serve test bench clean browser
+.PHONY: venv serve test lint bench clean browser
 
 venv: $(STAMP)
 
@@ -59,8 +60,13 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/chatserve serve --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff lint and format check ([tool.ruff] in pyproject.toml); `$(VENV)/bin/ruff format .` fixes the format
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Chromium for tests/test_playground.py (Playwright drives it with executable_path; `playwright install`
 # is never run). Needs root or passwordless sudo and apt; if it cannot be installed, those tests skip

@@ -7,6 +7,7 @@ same prompt through the engine API: unconstrained (min_tokens = the constrained 
 both make the same number of tokens) against response_format json_schema. Compile times are for a
 fresh ConstraintCompiler (first use, including the once-per-model vocabulary) and cached.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,22 +24,33 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run_all import write_report  # noqa: E402
 
-SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string"}, "age": {"type": "integer"},
-    "colour": {"type": "string", "enum": ["red", "green", "blue"]},
-    "hobbies": {"type": "array", "items": {"type": "string"}}},
-    "required": ["name", "age", "colour", "hobbies"]}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+        "hobbies": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "age", "colour", "hobbies"],
+}
 
 
 def tool(i: int) -> dict:
-    return {"name": f"tool_{i}", "description": f"Tool number {i}",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
-                                                            "unit": {"enum": ["c", "f"]}},
-                           "required": ["city"]}}
+    return {
+        "name": f"tool_{i}",
+        "description": f"Tool number {i}",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city"],
+        },
+    }
 
 
 async def timed(engine, ids, params, constraint=None):
     from engine.request import GenerationRequest
+
     first = None
     n = 0
     text = ""
@@ -71,9 +83,11 @@ def main() -> int:
         comp = ConstraintCompiler(engine.tokenizer, vocab_size=engine.vocab_size, eos_token_ids=engine.eos_ids)
         report["vocabulary_build_s"] = time.perf_counter() - t
         print(f"outlines vocabulary (once per model): {report['vocabulary_build_s']:.2f} s")
-        specs = {"small_schema": ConstraintSpec(kind="json_schema", schema=SCHEMA),
-                 "tools_3": ConstraintSpec(kind="tools", tools=[tool(i) for i in range(3)], tool_choice="required"),
-                 "tools_12": ConstraintSpec(kind="tools", tools=[tool(i) for i in range(12)], tool_choice="required")}
+        specs = {
+            "small_schema": ConstraintSpec(kind="json_schema", schema=SCHEMA),
+            "tools_3": ConstraintSpec(kind="tools", tools=[tool(i) for i in range(3)], tool_choice="required"),
+            "tools_12": ConstraintSpec(kind="tools", tools=[tool(i) for i in range(12)], tool_choice="required"),
+        }
         for name, spec in specs.items():
             t = time.perf_counter()
             comp.compile(spec, timeout=120)
@@ -85,8 +99,9 @@ def main() -> int:
             report[f"compile_{name}_cached_ms"] = cached * 1000
             print(f"compile {name:13s} first {first:7.3f} s   cached {cached * 1000:7.3f} ms")
 
-        ids = engine.render_prompt([{"role": "user", "content": "Describe a person as JSON with name, age, "
-                                                                "favourite colour and hobbies."}])
+        ids = engine.render_prompt(
+            [{"role": "user", "content": "Describe a person as JSON with name, age, favourite colour and hobbies."}]
+        )
         compiled = engine.compile_constraint(specs["small_schema"], timeout=120)
         greedy = SamplingParams(temperature=0, max_tokens=args.max_tokens)
         con, unc, lengths = [], [], []
@@ -97,12 +112,17 @@ def main() -> int:
             con.append(tpot)
             _, tpot_u, _ = asyncio.run(timed(engine, ids, greedy.replace(min_tokens=n, max_tokens=n)))
             unc.append(tpot_u)
-        report.update(constrained_tokens=lengths[0], constrained_tpot_ms=statistics.median(con) * 1000,
-                      unconstrained_tpot_ms=statistics.median(unc) * 1000)
+        report.update(
+            constrained_tokens=lengths[0],
+            constrained_tpot_ms=statistics.median(con) * 1000,
+            unconstrained_tpot_ms=statistics.median(unc) * 1000,
+        )
         report["constrained_vs_unconstrained_tok_s"] = statistics.median(unc) / statistics.median(con)
-        print(f"decode ({lengths[0]} tokens, median of {args.repeats}): constrained "
-              f"{1 / statistics.median(con):.1f} tok/s, unconstrained {1 / statistics.median(unc):.1f} tok/s, "
-              f"ratio {report['constrained_vs_unconstrained_tok_s']:.3f}x")
+        print(
+            f"decode ({lengths[0]} tokens, median of {args.repeats}): constrained "
+            f"{1 / statistics.median(con):.1f} tok/s, unconstrained {1 / statistics.median(unc):.1f} tok/s, "
+            f"ratio {report['constrained_vs_unconstrained_tok_s']:.3f}x"
+        )
     finally:
         engine.stop()
     write_report("constrained", report)

@@ -21,6 +21,7 @@ targets of the GPU-engine issue. Figures, for each shape:
 
     python benchmarks/gpu_engine.py [--shapes 8b,1b] [--no-http] [--skip-cb] [--device cpu --shapes tiny]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=5000),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=5000,
+    ),
 }
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + ' <|im_end|> ' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + ' <|im_end|> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
+)
 LINES: list[dict] = []
 
 
@@ -59,13 +80,19 @@ def emit(**kv) -> dict:
 def word_tokenizer(vocab: int, folder: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     table = {s: i for i, s in enumerate(specials)}
     table.update({f"w{i}": i for i in range(len(specials), vocab)})
     tok = Tokenizer(models.WordLevel(table, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     fast.chat_template = TEMPLATE
     fast.save_pretrained(folder)
     return fast
@@ -85,8 +112,9 @@ def closed_loop(engine, prompts, params, c: int, n: int) -> dict:
                 i = todo.pop()
                 t_req = time.perf_counter()
                 stamps = []
-                async for ev in engine.generate(GenerationRequest(f"r{i}-{time.time_ns()}", prompts[i % len(prompts)],
-                                                                  params)):
+                async for ev in engine.generate(
+                    GenerationRequest(f"r{i}-{time.time_ns()}", prompts[i % len(prompts)], params)
+                ):
                     if ev.token_ids:
                         stamps.append((time.perf_counter(), len(ev.token_ids)))
                         tokens += len(ev.token_ids)
@@ -97,8 +125,10 @@ def closed_loop(engine, prompts, params, c: int, n: int) -> dict:
 
         t = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(c)])
-        return dict(tok_s=tokens / (time.perf_counter() - t), ttft_p50_ms=statistics.median(ttfts) * 1000,
-                    traces=traces)
+        return dict(
+            tok_s=tokens / (time.perf_counter() - t), ttft_p50_ms=statistics.median(ttfts) * 1000, traces=traces
+        )
+
     return asyncio.run(run())
 
 
@@ -114,6 +144,7 @@ def http_load(engine, shape: str, words: list[str], levels, T: int) -> None:
     import uvicorn
 
     from server.app import create_app
+
     port = 18556
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
@@ -122,16 +153,32 @@ def http_load(engine, shape: str, words: list[str], levels, T: int) -> None:
         time.sleep(0.1)
     try:
         for c, n in levels:
-            code = ("import asyncio, json, sys; from server.bench import run_load; "
-                    f"s = asyncio.run(run_load('http://127.0.0.1:{port}/v1', {shape!r}, {c}, {n}, {T}, "
-                    f"json.loads(sys.stdin.read()), ignore_eos=True, warmup=1)); "
-                    "s.pop('requests'); print(json.dumps(s))")
-            r = subprocess.run([sys.executable, "-c", code], input=json.dumps(words), capture_output=True, text=True,
-                               timeout=300, cwd=str(ROOT))
+            code = (
+                "import asyncio, json, sys; from server.bench import run_load; "
+                f"s = asyncio.run(run_load('http://127.0.0.1:{port}/v1', {shape!r}, {c}, {n}, {T}, "
+                f"json.loads(sys.stdin.read()), ignore_eos=True, warmup=1)); "
+                "s.pop('requests'); print(json.dumps(s))"
+            )
+            r = subprocess.run(
+                [sys.executable, "-c", code],
+                input=json.dumps(words),
+                capture_output=True,
+                text=True,
+                timeout=300,
+                cwd=str(ROOT),
+            )
             try:
                 s = json.loads(r.stdout.strip().splitlines()[-1])
-                emit(what="http", shape=shape, c=c, requests=n, ok=s["ok"], tok_s=s["output_throughput"],
-                     ttft_p50_ms=s["ttft_ms"]["p50"], tpot_p50_ms=s["tpot_ms"]["p50"])
+                emit(
+                    what="http",
+                    shape=shape,
+                    c=c,
+                    requests=n,
+                    ok=s["ok"],
+                    tok_s=s["output_throughput"],
+                    ttft_p50_ms=s["ttft_ms"]["p50"],
+                    tpot_p50_ms=s["tpot_ms"]["p50"],
+                )
             except Exception:  # noqa: BLE001
                 emit(what="http_error", shape=shape, c=c, out=(r.stdout + r.stderr)[-800:])
     finally:
@@ -141,6 +188,7 @@ def http_load(engine, shape: str, words: list[str], levels, T: int) -> None:
 
 def transformers_cb(model, prompts, shape: str, T: int, levels) -> None:
     from transformers import GenerationConfig
+
     try:
         gc = GenerationConfig(max_new_tokens=T, do_sample=False, eos_token_id=-1, pad_token_id=0)
         for impl in ("paged|sdpa", "sdpa"):
@@ -170,8 +218,12 @@ def transformers_cb(model, prompts, shape: str, T: int, levels) -> None:
 
         run(8)
         for n in levels:
-            emit(what="transformers_cb", shape=shape, requests_at_once=n,
-                 tok_s=statistics.median(run(n) for _ in range(2)))
+            emit(
+                what="transformers_cb",
+                shape=shape,
+                requests_at_once=n,
+                tok_s=statistics.median(run(n) for _ in range(2)),
+            )
         mgr.stop(block=True, timeout=10)
     except Exception as e:  # noqa: BLE001
         emit(what="transformers_cb_error", shape=shape, error=repr(e)[:500])
@@ -191,9 +243,13 @@ def main() -> int:
     ap.add_argument("--no-eager", action="store_true", help="skip the enforce_eager comparison")
     ap.add_argument("--skip-cb", action="store_true", help="skip transformers' continuous batching")
     ap.add_argument("--output", default=None, help="also write every line to this JSON file")
-    ap.add_argument("--switch-interval", type=float, default=0.005,
-                    help="sys.setswitchinterval: how long the event loop may hold the GIL while the engine thread "
-                         "waits for it after a CUDA sync (Python's default 0.005 s)")
+    ap.add_argument(
+        "--switch-interval",
+        type=float,
+        default=0.005,
+        help="sys.setswitchinterval: how long the event loop may hold the GIL while the engine thread "
+        "waits for it after a CUDA sync (Python's default 0.005 s)",
+    )
     args = ap.parse_args()
     sys.setswitchinterval(args.switch_interval)
 
@@ -207,8 +263,12 @@ def main() -> int:
 
     dev, cuda = args.device, args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    emit(what="env", torch=torch.__version__, transformers=transformers.__version__,
-         gpu=torch.cuda.get_device_name(0) if cuda else "cpu")
+    emit(
+        what="env",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        gpu=torch.cuda.get_device_name(0) if cuda else "cpu",
+    )
     hbm = None
     if cuda:
         a = torch.empty(2**31, dtype=torch.bfloat16, device=dev)
@@ -233,17 +293,29 @@ def main() -> int:
         V = kw.pop("vocab_size")
         folder = Path(tempfile.mkdtemp())
         tok = word_tokenizer(V, folder)
-        cfg = LlamaConfig(vocab_size=V, max_position_embeddings=max(4096, 2 * L), bos_token_id=1, eos_token_id=2,
-                          pad_token_id=0, tie_word_embeddings=False, **kw)
+        cfg = LlamaConfig(
+            vocab_size=V,
+            max_position_embeddings=max(4096, 2 * L),
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+            **kw,
+        )
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with torch.device(dev):
             model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
         model.eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        emit(what="model", shape=shape, params_b=sum(p.numel() for p in model.parameters()) / 1e9,
-             weight_gb=weight_bytes / 1e9, build_s=time.perf_counter() - t0,
-             roofline_tok_s=hbm / weight_bytes if hbm else None)
+        emit(
+            what="model",
+            shape=shape,
+            params_b=sum(p.numel() for p in model.parameters()) / 1e9,
+            weight_gb=weight_bytes / 1e9,
+            build_s=time.perf_counter() - t0,
+            roofline_tok_s=hbm / weight_bytes if hbm else None,
+        )
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, V, (P,), generator=g).tolist() for _ in range(256)]
 
@@ -252,8 +324,14 @@ def main() -> int:
             sync()
             t = time.perf_counter()
             with torch.inference_mode():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, min_new_tokens=T,
-                               do_sample=False, pad_token_id=0)
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=T,
+                    min_new_tokens=T,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             sync()
             return n * T / (time.perf_counter() - t)
 
@@ -261,22 +339,42 @@ def main() -> int:
             generate(n)
             emit(what="generate", shape=shape, batch=n, tok_s=statistics.median(generate(n) for _ in range(2)))
 
-        lm = LoadedModel(model=model, tokenizer=tok, name=shape, device=dev, dtype=str(dtype).removeprefix("torch."),
-                         max_model_len=L + 2 * T + 64, source=shape, load_seconds=0.0)
+        lm = LoadedModel(
+            model=model,
+            tokenizer=tok,
+            name=shape,
+            device=dev,
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=L + 2 * T + 64,
+            source=shape,
+            load_seconds=0.0,
+        )
         params = SamplingParams(temperature=0, max_tokens=T, ignore_eos=True)
         runs = [("graphs", False)] + ([] if args.no_eager else [("eager", True)])
         for mode, eager in runs:
             t = time.perf_counter()
             eng = Engine(lm, EngineConfig(max_running=max(levels), prefix_cache=False, enforce_eager=eager)).start()
-            emit(what="engine_start", shape=shape, mode=mode, s=time.perf_counter() - t,
-                 graphs=sorted(eng.graphs.graphs) if eng.graphs is not None else None)
-            closed_loop(eng, prompts, params, 4, 8)   # warm-up
+            emit(
+                what="engine_start",
+                shape=shape,
+                mode=mode,
+                s=time.perf_counter() - t,
+                graphs=sorted(eng.graphs.graphs) if eng.graphs is not None else None,
+            )
+            closed_loop(eng, prompts, params, 4, 8)  # warm-up
             for c in levels:
                 n = 4 if c == 1 else 3 * c
                 r = closed_loop(eng, prompts, params, c, n)
                 summary[(shape, mode, c)] = r["tok_s"]
-                emit(what="engine", shape=shape, mode=mode, c=c, requests=n, tok_s=r["tok_s"],
-                     ttft_p50_ms=r["ttft_p50_ms"])
+                emit(
+                    what="engine",
+                    shape=shape,
+                    mode=mode,
+                    c=c,
+                    requests=n,
+                    tok_s=r["tok_s"],
+                    ttft_p50_ms=r["ttft_p50_ms"],
+                )
             if mode == "graphs":
                 long_params = SamplingParams(temperature=0, max_tokens=3 * T, ignore_eos=True)
                 rates = {}
@@ -284,14 +382,24 @@ def main() -> int:
                     ps = [torch.randint(3, V, (length,), generator=g).tolist() for _ in range(8)]
                     r = closed_loop(eng, ps, long_params, 8, 8)
                     rates[length] = decode_window(r["traces"])
-                    emit(what="long_context", shape=shape, c=8, prompt_tokens=length, decode_tok_s=rates[length],
-                         ttft_p50_ms=r["ttft_p50_ms"])
+                    emit(
+                        what="long_context",
+                        shape=shape,
+                        c=8,
+                        prompt_tokens=length,
+                        decode_tok_s=rates[length],
+                        ttft_p50_ms=r["ttft_p50_ms"],
+                    )
                 emit(what="long_context_fall", shape=shape, fall=1 - rates[L] / rates[P])
                 if not args.no_http:
-                    words = [" ".join(f"w{t}" for t in p[:P - 8]) for p in prompts[:64]]
+                    words = [" ".join(f"w{t}" for t in p[: P - 8]) for p in prompts[:64]]
                     http_load(eng, shape, words, [(c, 4 if c == 1 else 3 * c) for c in levels], T)
-            emit(what="engine_stats", shape=shape, mode=mode,
-                 **{k: v for k, v in eng.stats.items() if k.startswith(("time_", "graph", "decode"))})
+            emit(
+                what="engine_stats",
+                shape=shape,
+                mode=mode,
+                **{k: v for k, v in eng.stats.items() if k.startswith(("time_", "graph", "decode"))},
+            )
             eng.stop()
             del eng
             if cuda:

@@ -8,6 +8,7 @@ and how many prompt tokens the engine prefilled; then the on/off ratios.
     .venv/bin/python benchmarks/prefix_cache.py                 # c=1 and c=8, 32 tokens
     .venv/bin/python benchmarks/prefix_cache.py --concurrency 1,8,32 --max-tokens 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,22 @@ from run_all import measured_run, start_server, write_report  # noqa: E402
 SYSTEM = " ".join(
     f"Rule {i}: when a customer asks about order {1000 + 37 * i}, check the warehouse in "
     f"{['Lyon', 'Oslo', 'Porto', 'Graz', 'Turku'][i % 5]} first and answer politely in one short paragraph."
-    for i in range(24))
-QUESTIONS = ["Where is my order?", "Can I change the delivery address?", "Do you ship to Iceland?",
-             "How do I return a broken kettle?", "What are your opening hours?", "Is there a student discount?",
-             "Can I pay by bank transfer?", "Why was I charged twice?", "How long does shipping take?",
-             "Can I cancel my order?", "Do you sell gift cards?", "Who do I call about a missing parcel?"]
+    for i in range(24)
+)
+QUESTIONS = [
+    "Where is my order?",
+    "Can I change the delivery address?",
+    "Do you ship to Iceland?",
+    "How do I return a broken kettle?",
+    "What are your opening hours?",
+    "Is there a student discount?",
+    "Can I pay by bank transfer?",
+    "Why was I charged twice?",
+    "How long does shipping take?",
+    "Can I cancel my order?",
+    "Do you sell gift cards?",
+    "Who do I call about a missing parcel?",
+]
 
 
 def main() -> int:
@@ -42,6 +54,7 @@ def main() -> int:
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
     report: dict = {"args": vars(args), "settings": {}}
     import httpx
+
     for label, flags in (("off", ["--no-prefix-cache"]), ("on", [])):
         proc, port = start_server(["--max-running", str(max(conc))] + flags, args.model)
         base = f"http://127.0.0.1:{port}/v1"
@@ -52,12 +65,22 @@ def main() -> int:
                 n = args.requests_per_run or max(2 * c, 12)
                 s, moved = measured_run(port, model, c, n, args.max_tokens, prompts, warmup=1 if c == conc[0] else 0)
                 prefilled = moved.get("prefill_tokens", 0)
-                runs.append({"concurrency": c, "ok": s["ok"], "failed": s["failed"],
-                             "output_throughput": s["output_throughput"], "ttft_ms": s["ttft_ms"],
-                             "prompt_tokens": s["total_prompt_tokens"], "prefilled_tokens": prefilled})
-                print(f"   prefix cache {label:>3} c={c:>2}: {s['ok']} ok, {s['output_throughput']:.1f} tok/s, "
-                      f"TTFT p50 {s['ttft_ms']['p50']:.0f} ms, prompt tokens {s['total_prompt_tokens']}, "
-                      f"prefilled {prefilled}")
+                runs.append(
+                    {
+                        "concurrency": c,
+                        "ok": s["ok"],
+                        "failed": s["failed"],
+                        "output_throughput": s["output_throughput"],
+                        "ttft_ms": s["ttft_ms"],
+                        "prompt_tokens": s["total_prompt_tokens"],
+                        "prefilled_tokens": prefilled,
+                    }
+                )
+                print(
+                    f"   prefix cache {label:>3} c={c:>2}: {s['ok']} ok, {s['output_throughput']:.1f} tok/s, "
+                    f"TTFT p50 {s['ttft_ms']['p50']:.0f} ms, prompt tokens {s['total_prompt_tokens']}, "
+                    f"prefilled {prefilled}"
+                )
             report["settings"][label] = runs
         finally:
             proc.terminate()

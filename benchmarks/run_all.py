@@ -20,6 +20,7 @@ Prints (and writes to bench-results/throughput-<time>.json):
     .venv/bin/python benchmarks/run_all.py --concurrency 1,8,32 --max-tokens 64 --leak-requests 500
     .venv/bin/python benchmarks/run_all.py --concurrency 1,32 --leak-requests 0 --skip-raw   # vs the peer only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,26 @@ def free_port() -> int:
 def start_server(extra: list[str], model: str | None = None, dtype: str = "float32"):
     """`chatserve serve` in a subprocess on a free port, once /health answers: (process, port)."""
     import httpx
+
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--dtype", dtype,
-           "--device", "cpu", "--log-level", "warning"] + (["--model", model] if model else []) + extra
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--dtype",
+            dtype,
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ]
+        + (["--model", model] if model else [])
+        + extra
+    )
     print(">> starting", " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=ROOT)
     deadline = time.time() + 600
@@ -73,16 +91,28 @@ def measured_run(port: int, model: str, c: int, n: int, max_tokens: int, prompts
     """`chatserve bench`'s closed loop at concurrency c against the server on ``port``: (its summary,
     how much each engine counter on /health moved during the run)."""
     import httpx
+
     health = f"http://127.0.0.1:{port}/health"
     before = httpx.get(health).json()["stats"]
-    s = asyncio.run(run_load(f"http://127.0.0.1:{port}/v1", model, c, n, max_tokens, prompts, ignore_eos=True,
-                             warmup=warmup))
+    s = asyncio.run(
+        run_load(f"http://127.0.0.1:{port}/v1", model, c, n, max_tokens, prompts, ignore_eos=True, warmup=warmup)
+    )
     after = httpx.get(health).json()["stats"]
     return s, {k: v - before.get(k, 0) for k, v in after.items()}
 
 
-RUN_KEYS = ("concurrency", "ok", "failed", "output_throughput", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms",
-            "total_output_tokens", "mean_output_tokens")
+RUN_KEYS = (
+    "concurrency",
+    "ok",
+    "failed",
+    "output_throughput",
+    "ttft_ms",
+    "tpot_ms",
+    "itl_ms",
+    "e2e_ms",
+    "total_output_tokens",
+    "mean_output_tokens",
+)
 
 
 def start_peer(model_spec: str | None, dtype: str, extra: list[str], timeout: float = 600):
@@ -92,13 +122,29 @@ def start_peer(model_spec: str | None, dtype: str, extra: list[str], timeout: fl
     Returns (process, port, model folder, command, log path) once /health answers 200, or raises
     RuntimeError saying why (the tail of its log) after stopping it."""
     import httpx
+
     from engine.loader import local_folder
 
     folder = str(local_folder(model_spec))
     port = free_port()
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", folder, "--continuous-batching",
-           "--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning"] + extra
+    cmd = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        folder,
+        "--continuous-batching",
+        "--device",
+        "cpu",
+        "--dtype",
+        dtype,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ] + extra
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log = tempfile.NamedTemporaryFile("wb", prefix="transformers-serve-", suffix=".log", delete=False)
     print(">> starting", " ".join(cmd), f"(log: {log.name})")
@@ -146,14 +192,16 @@ def peer_generation_config(folder: str, max_tokens: int) -> str:
 def run_peer(args, conc: list[int]) -> dict:
     """The peer at each concurrency in ``conc``: {"name", "command", "model", "runs": [...]} or {"error"}."""
     import httpx
+
     out: dict = {"name": "transformers-serve", "continuous_batching": True}
     try:
         proc, port, folder, cmd, log = start_peer(args.model, args.dtype, args.peer_args.split())
-    except Exception as e:   # a peer that cannot start must not stop the rest of the run
+    except Exception as e:  # a peer that cannot start must not stop the rest of the run
         print(f">> transformers serve did not start, going on without it: {type(e).__name__}: {e}")
         out["error"] = f"{type(e).__name__}: {e}"
         return out
     import transformers
+
     out.update(command=" ".join(cmd), model=folder, log=log, transformers_version=transformers.__version__)
     base = f"http://127.0.0.1:{port}/v1"
     runs = []
@@ -163,20 +211,36 @@ def run_peer(args, conc: list[int]) -> dict:
         for c in conc:
             n = args.requests_per_run or max(4 * c, 8)
             # the first request builds the paged cache and its worker: a warm-up before the first run
-            s = asyncio.run(run_load(base, model, c, n, args.max_tokens, DEFAULT_PROMPTS, ignore_eos=False,
-                                     extra_body=extra, warmup=1 if c == conc[0] else 0))
+            s = asyncio.run(
+                run_load(
+                    base,
+                    model,
+                    c,
+                    n,
+                    args.max_tokens,
+                    DEFAULT_PROMPTS,
+                    ignore_eos=False,
+                    extra_body=extra,
+                    warmup=1 if c == conc[0] else 0,
+                )
+            )
             runs.append({k: s[k] for k in RUN_KEYS})
             runs[-1]["errors"] = s["errors"]
-            runs[-1]["exact_max_tokens"] = all(r["completion_tokens"] == args.max_tokens
-                                               for r in s["requests"] if r["ok"])
-            print(f"   c={c:>3}: {s['ok']} ok {s['failed']} failed, {s['output_throughput']:.1f} tok/s, "
-                  f"TTFT p50 {fmt(s['ttft_ms']['p50'], '.0f')} ms, TPOT p50 {fmt(s['tpot_ms']['p50'], '.1f')} ms, "
-                  f"mean output tokens {fmt(s['mean_output_tokens'], '.1f')}")
+            runs[-1]["exact_max_tokens"] = all(
+                r["completion_tokens"] == args.max_tokens for r in s["requests"] if r["ok"]
+            )
+            print(
+                f"   c={c:>3}: {s['ok']} ok {s['failed']} failed, {s['output_throughput']:.1f} tok/s, "
+                f"TTFT p50 {fmt(s['ttft_ms']['p50'], '.0f')} ms, TPOT p50 {fmt(s['tpot_ms']['p50'], '.1f')} ms, "
+                f"mean output tokens {fmt(s['mean_output_tokens'], '.1f')}"
+            )
             if s["errors"]:
                 print("      errors:", s["errors"][:3])
             if not runs[-1]["exact_max_tokens"]:
-                print(f"      note: not every request made exactly {args.max_tokens} tokens; "
-                      "tokens/s counts the tokens actually received")
+                print(
+                    f"      note: not every request made exactly {args.max_tokens} tokens; "
+                    "tokens/s counts the tokens actually received"
+                )
     except Exception as e:
         print(f">> transformers serve run failed, going on without the rest of it: {type(e).__name__}: {e}")
         out["error"] = f"{type(e).__name__}: {e}"
@@ -193,6 +257,7 @@ def fmt(v, spec: str) -> str:
 def peer_ratios(server_runs: list[dict], peer_runs: list[dict]) -> dict:
     """chatserve / transformers-serve at each concurrency both ran: tokens/s (> 1: chatserve faster),
     TTFT p50 and TPOT p50 (< 1: chatserve faster)."""
+
     def div(a, b):
         return a / b if a is not None and b else None
 
@@ -220,12 +285,16 @@ def print_peer_summary(server_runs: list[dict], peer: dict) -> None:
         for name, r in rows:
             if r is None:
                 continue
-            print(f"   {c:>3}  {name:<19} {r['output_throughput']:>8.1f} {fmt(r['ttft_ms']['p50'], '.0f'):>12} "
-                  f"{fmt(r['tpot_ms']['p50'], '.1f'):>12} {fmt(r['mean_output_tokens'], '.1f'):>11}")
+            print(
+                f"   {c:>3}  {name:<19} {r['output_throughput']:>8.1f} {fmt(r['ttft_ms']['p50'], '.0f'):>12} "
+                f"{fmt(r['tpot_ms']['p50'], '.1f'):>12} {fmt(r['mean_output_tokens'], '.1f'):>11}"
+            )
         q = peer.get("ratios", {}).get(f"c{c}")
         if q:
-            print(f"   {c:>3}  {'chatserve / peer':<19} {fmt(q['tok_s'], '.2f') + 'x':>8} "
-                  f"{fmt(q['ttft_p50'], '.2f') + 'x':>12} {fmt(q['tpot_p50'], '.2f') + 'x':>12}")
+            print(
+                f"   {c:>3}  {'chatserve / peer':<19} {fmt(q['tok_s'], '.2f') + 'x':>8} "
+                f"{fmt(q['ttft_p50'], '.2f') + 'x':>12} {fmt(q['tpot_p50'], '.2f') + 'x':>12}"
+            )
 
 
 def write_report(prefix: str, report: dict) -> Path:
@@ -245,12 +314,19 @@ def rss_mb(pid: int) -> float:
 
 def raw_generate(model_spec: str | None, dtype: str, max_tokens: int, batch: int, repeats: int) -> dict:
     import torch
+
     from engine.loader import load_model
 
     lm = load_model(model_spec, device="cpu", dtype=dtype)
     tok, model = lm.tokenizer, lm.model
-    prompts = [tok.apply_chat_template([{"role": "user", "content": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]}],
-                                       add_generation_prompt=True, tokenize=False) for i in range(batch)]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for i in range(batch)
+    ]
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -264,19 +340,23 @@ def raw_generate(model_spec: str | None, dtype: str, max_tokens: int, batch: int
         assert out.shape[1] - enc["input_ids"].shape[1] == max_tokens
         return n * max_tokens / dt
 
-    run(1)   # warm-up
-    b1 = statistics.median(run(1) for _ in range(max(5, repeats)))   # the noisiest figure: more runs
+    run(1)  # warm-up
+    b1 = statistics.median(run(1) for _ in range(max(5, repeats)))  # the noisiest figure: more runs
     bN = statistics.median(run(batch) for _ in range(max(1, repeats // 2)))
     # prefill of one prompt + one decode step (the TTFT floor)
     enc = tok(prompts[:1], return_tensors="pt", add_special_tokens=False)
     times = []
     with torch.inference_mode():
-        for _ in range(max(7, repeats)):   # a short measurement: more runs against the machine's noise
+        for _ in range(max(7, repeats)):  # a short measurement: more runs against the machine's noise
             t = time.perf_counter()
             model.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False)
             times.append(time.perf_counter() - t)
-    return {"generate_b1_tok_s": b1, f"generate_b{batch}_tok_s": bN,
-            "prefill_plus_decode_s": statistics.median(times), "prompt_tokens": enc["input_ids"].shape[1]}
+    return {
+        "generate_b1_tok_s": b1,
+        f"generate_b{batch}_tok_s": bN,
+        "prefill_plus_decode_s": statistics.median(times),
+        "prompt_tokens": enc["input_ids"].shape[1],
+    }
 
 
 def main() -> int:
@@ -291,9 +371,13 @@ def main() -> int:
     ap.add_argument("--leak-requests", type=int, default=500, help="0 to skip the RSS check")
     ap.add_argument("--skip-raw", action="store_true")
     ap.add_argument("--server-args", default="", help="extra `chatserve serve` flags")
-    ap.add_argument("--peer", choices=["transformers-serve", "none"], default="transformers-serve",
-                    help="also measure `transformers serve --continuous-batching` (default; skipped with a "
-                         "message if it cannot start)")
+    ap.add_argument(
+        "--peer",
+        choices=["transformers-serve", "none"],
+        default="transformers-serve",
+        help="also measure `transformers serve --continuous-batching` (default; skipped with a "
+        "message if it cannot start)",
+    )
     ap.add_argument("--no-peer", dest="peer", action="store_const", const="none", help="same as --peer none")
     ap.add_argument("--peer-concurrency", default="", help="the peer's concurrencies (default: --concurrency)")
     ap.add_argument("--peer-args", default="", help="extra `transformers serve` flags (e.g. --cb-num-blocks 256)")
@@ -311,16 +395,21 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}/v1"
     try:
         import httpx
+
         model = httpx.get(base + "/models").json()["data"][0]["id"]
         runs = []
         for c in conc:
             n = args.requests_per_run or max(4 * c, 8)
-            s, moved = measured_run(port, model, c, n, args.max_tokens, DEFAULT_PROMPTS, warmup=1 if c == conc[0] else 0)
+            s, moved = measured_run(
+                port, model, c, n, args.max_tokens, DEFAULT_PROMPTS, warmup=1 if c == conc[0] else 0
+            )
             s["mean_batch_rows"] = moved.get("decode_rows", 0) / max(1, moved.get("decode_steps", 0))
             runs.append({k: s[k] for k in RUN_KEYS + ("mean_batch_rows",)})
-            print(f"   c={c:>3}: {s['ok']} ok {s['failed']} failed, {s['output_throughput']:.1f} tok/s, "
-                  f"TTFT p50 {s['ttft_ms']['p50']:.0f} ms, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
-                  f"mean rows per decode step {s['mean_batch_rows']:.1f}")
+            print(
+                f"   c={c:>3}: {s['ok']} ok {s['failed']} failed, {s['output_throughput']:.1f} tok/s, "
+                f"TTFT p50 {s['ttft_ms']['p50']:.0f} ms, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
+                f"mean rows per decode step {s['mean_batch_rows']:.1f}"
+            )
         report["server"] = runs
         if args.leak_requests:
             print(f">> RSS over {args.leak_requests} requests (c=8, 16 tokens each)")
@@ -329,15 +418,18 @@ def main() -> int:
             asyncio.run(run_load(base, model, 8, args.leak_requests - 50, 16, DEFAULT_PROMPTS, ignore_eos=True))
             rss500 = rss_mb(proc.pid)
             report["rss_mb"] = {"after_50": rss50, f"after_{args.leak_requests}": rss500, "ratio": rss500 / rss50}
-            print(f"   RSS after 50: {rss50:.0f} MB, after {args.leak_requests}: {rss500:.0f} MB "
-                  f"({rss500 / rss50:.3f}x)")
+            print(
+                f"   RSS after 50: {rss50:.0f} MB, after {args.leak_requests}: {rss500:.0f} MB ({rss500 / rss50:.3f}x)"
+            )
     finally:
         stop(proc)
 
     if args.peer == "transformers-serve":
         # after chatserve is stopped: the two never share the CPU
-        print(f">> transformers serve --continuous-batching ({args.dtype}, cpu, {args.max_tokens} tokens, "
-              "generation_config eos_token_id=-1)")
+        print(
+            f">> transformers serve --continuous-batching ({args.dtype}, cpu, {args.max_tokens} tokens, "
+            "generation_config eos_token_id=-1)"
+        )
         peer = run_peer(args, peer_conc)
         if peer.get("runs"):
             peer["ratios"] = peer_ratios(report["server"], peer["runs"])
@@ -352,9 +444,12 @@ def main() -> int:
         key = f"generate_b{args.static_batch}_tok_s"
         if args.static_batch in by_c:
             ratios[f"c{args.static_batch}_vs_static_b{args.static_batch}"] = (
-                by_c[args.static_batch]["output_throughput"] / raw[key])
+                by_c[args.static_batch]["output_throughput"] / raw[key]
+            )
         if 8 in by_c:
-            ratios["ttft_p50_c8_vs_prefill_plus_decode"] = (by_c[8]["ttft_ms"]["p50"] / 1000) / raw["prefill_plus_decode_s"]
+            ratios["ttft_p50_c8_vs_prefill_plus_decode"] = (by_c[8]["ttft_ms"]["p50"] / 1000) / raw[
+                "prefill_plus_decode_s"
+            ]
         report["ratios"] = ratios
         print(">> ratios:", json.dumps(ratios, indent=2))
     if report.get("peer", {}).get("runs"):

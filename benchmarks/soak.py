@@ -38,6 +38,7 @@ waits up to ``--settle-s`` for running and waiting to go back to 0.
 Writes bench-results/soak-<time>.json and .png (3 panels over time: RSS; latency p50/p95 per bucket,
 overall and per kind; requests/s and failures) and prints a summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,10 @@ import random
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ from server.bench import percentile  # noqa: E402
 
 KINDS = ("stream", "nonstream", "json_schema", "tools", "tools_stream", "stop", "logprobs", "disconnect")
 DEFAULT_MIX = "stream=3,nonstream=2,json_schema=2,tools=2,tools_stream=1,stop=2,logprobs=1,disconnect=1"
-STREAMED = {"stream", "tools_stream", "disconnect"}   # "stop" is streamed or not at random
+STREAMED = {"stream", "tools_stream", "disconnect"}  # "stop" is streamed or not at random
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -86,9 +87,11 @@ PERSON_SCHEMA = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-JSON_PROMPTS = ["Invent a person and give their name and age as JSON.",
-                "Describe a famous scientist as JSON with a name and an age.",
-                "Make up a character for a novel; answer in JSON."]
+JSON_PROMPTS = [
+    "Invent a person and give their name and age as JSON.",
+    "Describe a famous scientist as JSON with a name and an age.",
+    "Make up a character for a novel; answer in JSON.",
+]
 TOOL_NAME = "get_weather"
 TOOL_PARAMS = {
     "type": "object",
@@ -100,10 +103,17 @@ TOOL_PARAMS = {
     "additionalProperties": False,
 }
 # one tool: with tool_choice "required" the server's grammar must produce a call to exactly this one
-TOOLS = [{"type": "function", "function": {"name": TOOL_NAME, "description": "Get the current weather in a city",
-                                           "parameters": TOOL_PARAMS}}]
-TOOL_PROMPTS = ["What's the weather like in Paris right now?", "Is it raining in Tokyo? Check the weather.",
-                "Tell me the temperature in Berlin in fahrenheit."]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": TOOL_NAME, "description": "Get the current weather in a city", "parameters": TOOL_PARAMS},
+    }
+]
+TOOL_PROMPTS = [
+    "What's the weather like in Paris right now?",
+    "Is it raining in Tokyo? Check the weather.",
+    "Tell me the temperature in Berlin in fahrenheit.",
+]
 STOP_PROMPT = "Count from 1 to 20, one number per line."
 STOP_STRINGS = ["7", "5", "\n9"]
 TOP_LOGPROBS = 3
@@ -113,20 +123,21 @@ TOP_LOGPROBS = 3
 # One request
 # --------------------------------------------------------------------------- #
 
+
 @dataclass
 class Rec:
     kind: str
     stream: bool
-    start_s: float                      # since the loop began
+    start_s: float  # since the loop began
     end_s: float = 0.0
-    latency_s: float = 0.0              # send -> last byte (disconnect: -> close)
-    ttft_s: Optional[float] = None      # streams: send -> first content / tool-call chunk
-    status: Optional[int] = None
-    outcome: str = "ok"                 # ok | http_error | stream_error | timeout | transport | wrong_output | client_error
-    reason: Optional[str] = None
-    detail: Optional[str] = None
-    finish_reason: Optional[str] = None
-    completion_tokens: Optional[int] = None
+    latency_s: float = 0.0  # send -> last byte (disconnect: -> close)
+    ttft_s: float | None = None  # streams: send -> first content / tool-call chunk
+    status: int | None = None
+    outcome: str = "ok"  # ok | http_error | stream_error | timeout | transport | wrong_output | client_error
+    reason: str | None = None
+    detail: str | None = None
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
     chunks: int = 0
 
 
@@ -144,14 +155,20 @@ def build(kind: str, model: str, rng: random.Random, args) -> tuple[dict, dict]:
     """(payload, what the check needs) for one request of ``kind``."""
     mt = rng.randint(args.min_tokens, args.max_tokens)
     temp = rng.choice([0.0, 0.7])
-    p: dict[str, Any] = {"model": model, "max_tokens": mt, "temperature": temp,
-                         "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]}
+    p: dict[str, Any] = {
+        "model": model,
+        "max_tokens": mt,
+        "temperature": temp,
+        "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+    }
     ctx: dict[str, Any] = {}
     if kind == "json_schema":
         p["messages"][0]["content"] = rng.choice(JSON_PROMPTS)
         p["max_tokens"] = args.max_tokens
-        p["response_format"] = {"type": "json_schema",
-                                "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+        p["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True},
+        }
     elif kind in ("tools", "tools_stream"):
         p["messages"][0]["content"] = rng.choice(TOOL_PROMPTS)
         p["max_tokens"] = args.max_tokens
@@ -174,7 +191,7 @@ def build(kind: str, model: str, rng: random.Random, args) -> tuple[dict, dict]:
     return p, ctx
 
 
-async def read_stream(resp: httpx.Response, rec: Rec, t_send: float, close_after: Optional[int]) -> dict:
+async def read_stream(resp: httpx.Response, rec: Rec, t_send: float, close_after: int | None) -> dict:
     """Read an SSE stream into {"content", "tool_calls", "usage", "done"}; stops early (closing the
     connection) after ``close_after`` content chunks."""
     content: list[str] = []
@@ -217,8 +234,13 @@ async def read_stream(resp: httpx.Response, rec: Rec, t_send: float, close_after
         if close_after is not None and rec.chunks >= close_after:
             rec.finish_reason = "client_closed"
             break
-    return {"content": "".join(content), "tool_calls": [calls[i] for i in sorted(calls)], "usage": usage,
-            "done": done, "logprobs": None}
+    return {
+        "content": "".join(content),
+        "tool_calls": [calls[i] for i in sorted(calls)],
+        "usage": usage,
+        "done": done,
+        "logprobs": None,
+    }
 
 
 async def send(client: httpx.AsyncClient, url: str, p: dict, rec: Rec, ctx: dict) -> dict:
@@ -241,17 +263,22 @@ async def send(client: httpx.AsyncClient, url: str, p: dict, rec: Rec, ctx: dict
     except (ValueError, KeyError, IndexError, TypeError):
         raise wrong("bad_body", resp.text[:300]) from None
     rec.finish_reason = ch.get("finish_reason")
-    return {"content": msg.get("content") or "",
-            "tool_calls": [{"name": (c.get("function") or {}).get("name"),
-                            "arguments": (c.get("function") or {}).get("arguments")}
-                           for c in msg.get("tool_calls") or []],
-            "usage": body.get("usage"), "done": True, "logprobs": ch.get("logprobs")}
+    return {
+        "content": msg.get("content") or "",
+        "tool_calls": [
+            {"name": (c.get("function") or {}).get("name"), "arguments": (c.get("function") or {}).get("arguments")}
+            for c in msg.get("tool_calls") or []
+        ],
+        "usage": body.get("usage"),
+        "done": True,
+        "logprobs": ch.get("logprobs"),
+    }
 
 
 def check(kind: str, p: dict, ctx: dict, out: dict, rec: Rec) -> None:
     """Raise wrong_output / stream_error if the answer is not what ``kind`` asks for."""
     if kind == "disconnect":
-        return   # closed by us: whatever came before the close is fine (an error event raised already)
+        return  # closed by us: whatever came before the close is fine (an error event raised already)
     if not out["done"]:
         raise Failed("stream_error", "no_done", f"stream ended without [DONE] after {rec.chunks} chunks")
     usage = out["usage"]
@@ -308,8 +335,7 @@ def check(kind: str, p: dict, ctx: dict, out: dict, rec: Rec) -> None:
         raise wrong("empty_content", f"{rec.completion_tokens} tokens but no content")
 
 
-async def one(client: httpx.AsyncClient, url: str, kind: str, model: str, rng: random.Random, args,
-              t0: float) -> Rec:
+async def one(client: httpx.AsyncClient, url: str, kind: str, model: str, rng: random.Random, args, t0: float) -> Rec:
     p, ctx = build(kind, model, rng, args)
     start = time.perf_counter()
     rec = Rec(kind=kind, stream=bool(p.get("stream")), start_s=start - t0)
@@ -322,7 +348,7 @@ async def one(client: httpx.AsyncClient, url: str, kind: str, model: str, rng: r
         rec.outcome, rec.reason, rec.detail = "timeout", type(e).__name__, str(e)[:300]
     except (httpx.HTTPError, OSError) as e:
         rec.outcome, rec.reason, rec.detail = "transport", type(e).__name__, str(e)[:300]
-    except Exception as e:   # a bug in this script must not stop the soak
+    except Exception as e:  # a bug in this script must not stop the soak
         rec.outcome, rec.reason, rec.detail = "client_error", type(e).__name__, repr(e)[:300]
     end = time.perf_counter()
     rec.end_s, rec.latency_s = end - t0, end - start
@@ -333,7 +359,8 @@ async def one(client: httpx.AsyncClient, url: str, kind: str, model: str, rng: r
 # The loop and the sampler
 # --------------------------------------------------------------------------- #
 
-def health_sample(client: httpx.Client, health_url: str, pid: Optional[int], t0: float) -> dict:
+
+def health_sample(client: httpx.Client, health_url: str, pid: int | None, t0: float) -> dict:
     s: dict[str, Any] = {"t": time.perf_counter() - t0, "rss_mb": None}
     if pid:
         try:
@@ -354,8 +381,9 @@ def health_sample(client: httpx.Client, health_url: str, pid: Optional[int], t0:
     return s
 
 
-def sampler(stop_evt: threading.Event, samples: list, health_url: str, pid: Optional[int], t0: float,
-            interval: float, proc) -> None:
+def sampler(
+    stop_evt: threading.Event, samples: list, health_url: str, pid: int | None, t0: float, interval: float, proc
+) -> None:
     with httpx.Client(timeout=10, trust_env=False) as c:
         while True:
             samples.append(health_sample(c, health_url, pid, t0))
@@ -371,8 +399,10 @@ async def soak(url: str, model: str, args, t0: float, deadline: float, server_go
     kinds, weights = zip(*args.mix_weights.items())
     recs: list[Rec] = []
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout, connect=10), limits=limits,
-                                 trust_env=False) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(args.request_timeout, connect=10), limits=limits, trust_env=False
+    ) as client:
+
         async def worker(i: int) -> None:
             rng = random.Random(args.seed * 1000 + i)
             while time.perf_counter() < deadline and not server_gone.is_set():
@@ -380,7 +410,7 @@ async def soak(url: str, model: str, args, t0: float, deadline: float, server_go
                 rec = await one(client, url, kind, model, rng, args, t0)
                 recs.append(rec)
                 if rec.outcome in ("transport", "timeout"):
-                    await asyncio.sleep(0.5)   # no hot loop against a server that is down
+                    await asyncio.sleep(0.5)  # no hot loop against a server that is down
 
         await asyncio.gather(*(worker(i) for i in range(args.concurrency)))
     return recs
@@ -401,11 +431,12 @@ async def warm_up(url: str, model: str, args) -> list[Rec]:
 # Figures
 # --------------------------------------------------------------------------- #
 
-def pct(vals, q) -> Optional[float]:
+
+def pct(vals, q) -> float | None:
     return percentile(list(vals), q) if vals else None
 
 
-def ms(v: Optional[float]) -> str:
+def ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v * 1000:.0f}"
 
 
@@ -417,10 +448,17 @@ def buckets(recs: list[Rec], duration: float, width: float) -> list[dict]:
         inb = [r for r in recs if lo <= r.end_s < hi or (b == n - 1 and r.end_s >= hi)]
         ok = [r for r in inb if r.outcome == "ok"]
         span = min(hi, max(duration, lo + 1e-9)) - lo if b == n - 1 else width
-        row = {"t0_s": lo, "t1_s": hi, "requests": len(inb), "ok": len(ok), "failed": len(inb) - len(ok),
-               "ok_per_s": len(ok) / max(span, 1e-9),
-               "p50_s": pct([r.latency_s for r in ok], 50), "p95_s": pct([r.latency_s for r in ok], 95),
-               "by_kind": {}}
+        row = {
+            "t0_s": lo,
+            "t1_s": hi,
+            "requests": len(inb),
+            "ok": len(ok),
+            "failed": len(inb) - len(ok),
+            "ok_per_s": len(ok) / max(span, 1e-9),
+            "p50_s": pct([r.latency_s for r in ok], 50),
+            "p95_s": pct([r.latency_s for r in ok], 95),
+            "by_kind": {},
+        }
         for k in sorted({r.kind for r in ok}):
             lat = [r.latency_s for r in ok if r.kind == k]
             row["by_kind"][k] = {"n": len(lat), "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
@@ -428,12 +466,12 @@ def buckets(recs: list[Rec], duration: float, width: float) -> list[dict]:
     return rows
 
 
-def nearest(samples: list[dict], t: float) -> Optional[dict]:
+def nearest(samples: list[dict], t: float) -> dict | None:
     good = [s for s in samples if s.get("rss_mb") is not None]
     return min(good, key=lambda s: abs(s["t"] - t)) if good else None
 
 
-def slope_mb_per_min(samples: list[dict], t_from: float) -> Optional[float]:
+def slope_mb_per_min(samples: list[dict], t_from: float) -> float | None:
     pts = [(s["t"] / 60, s["rss_mb"]) for s in samples if s.get("rss_mb") is not None and s["t"] >= t_from]
     if len(pts) < 3:
         return None
@@ -449,10 +487,15 @@ def summarize(recs: list[Rec], samples: list[dict], duration: float, settle: dic
     for k in sorted({r.kind for r in recs}):
         rs = [r for r in recs if r.kind == k]
         oks = [r for r in rs if r.outcome == "ok"]
-        by_kind[k] = {"requests": len(rs), "ok": len(oks), "failed": len(rs) - len(oks),
-                      "p50_s": pct([r.latency_s for r in oks], 50), "p95_s": pct([r.latency_s for r in oks], 95),
-                      "ttft_p50_s": pct([r.ttft_s for r in oks if r.ttft_s is not None], 50),
-                      "finish_reasons": dict(Counter(str(r.finish_reason) for r in oks))}
+        by_kind[k] = {
+            "requests": len(rs),
+            "ok": len(oks),
+            "failed": len(rs) - len(oks),
+            "p50_s": pct([r.latency_s for r in oks], 50),
+            "p95_s": pct([r.latency_s for r in oks], 95),
+            "ttft_p50_s": pct([r.ttft_s for r in oks if r.ttft_s is not None], 50),
+            "finish_reasons": dict(Counter(str(r.finish_reason) for r in oks)),
+        }
     fails = Counter(f"{r.kind} {r.outcome}/{r.reason}" for r in recs if r.outcome != "ok")
     examples = {}
     for r in recs:
@@ -464,52 +507,88 @@ def summarize(recs: list[Rec], samples: list[dict], duration: float, settle: dic
     rss: dict[str, Any] = {}
     if in_run:
         start, mid, end = in_run[0], nearest(in_run, duration / 2), in_run[-1]
-        rss = {"start_mb": start["rss_mb"], "middle_mb": mid["rss_mb"], "end_mb": end["rss_mb"],
-               "max_mb": max(s["rss_mb"] for s in in_run),
-               "growth_mb": end["rss_mb"] - start["rss_mb"],
-               "growth_pct": 100 * (end["rss_mb"] - start["rss_mb"]) / start["rss_mb"],
-               "second_half_slope_mb_per_min": slope_mb_per_min(in_run, duration / 2)}
+        rss = {
+            "start_mb": start["rss_mb"],
+            "middle_mb": mid["rss_mb"],
+            "end_mb": end["rss_mb"],
+            "max_mb": max(s["rss_mb"] for s in in_run),
+            "growth_mb": end["rss_mb"] - start["rss_mb"],
+            "growth_pct": 100 * (end["rss_mb"] - start["rss_mb"]) / start["rss_mb"],
+            "second_half_slope_mb_per_min": slope_mb_per_min(in_run, duration / 2),
+        }
     if settle.get("rss_mb") is not None:
         rss["after_settle_mb"] = settle["rss_mb"]
 
     first = [r for r in ok if r.start_s < window]
     last = [r for r in ok if r.start_s >= duration - window]
-    lat_fl = {"window_s": window,
-              "first": {"n": len(first), "p50_s": pct([r.latency_s for r in first], 50),
-                        "p95_s": pct([r.latency_s for r in first], 95)},
-              "last": {"n": len(last), "p50_s": pct([r.latency_s for r in last], 50),
-                       "p95_s": pct([r.latency_s for r in last], 95)},
-              "by_kind": {}}
+    lat_fl = {
+        "window_s": window,
+        "first": {
+            "n": len(first),
+            "p50_s": pct([r.latency_s for r in first], 50),
+            "p95_s": pct([r.latency_s for r in first], 95),
+        },
+        "last": {
+            "n": len(last),
+            "p50_s": pct([r.latency_s for r in last], 50),
+            "p95_s": pct([r.latency_s for r in last], 95),
+        },
+        "by_kind": {},
+    }
     for k in by_kind:
         f = [r.latency_s for r in first if r.kind == k]
         la = [r.latency_s for r in last if r.kind == k]
-        lat_fl["by_kind"][k] = {"first_p50_s": pct(f, 50), "first_p95_s": pct(f, 95),
-                                "last_p50_s": pct(la, 50), "last_p95_s": pct(la, 95)}
+        lat_fl["by_kind"][k] = {
+            "first_p50_s": pct(f, 50),
+            "first_p95_s": pct(f, 95),
+            "last_p50_s": pct(la, 50),
+            "last_p95_s": pct(la, 95),
+        }
 
     hs = [s for s in samples if s.get("health_s") is not None and s.get("health_status") == 200]
-    health = {"samples": len(samples), "ok_samples": len(hs),
-              "errors": sum(1 for s in samples if "health_error" in s or s.get("health_status") not in (200, None)),
-              "max_s": max((s["health_s"] for s in hs), default=None),
-              "p50_s": pct([s["health_s"] for s in hs], 50),
-              "max_running": max((s.get("running") or 0 for s in hs), default=None),
-              "max_waiting": max((s.get("waiting") or 0 for s in hs), default=None),
-              "max_kv_blocks_used": max((s["stats"].get("kv_blocks_used", 0) for s in hs), default=None)}
-    return {"duration_s": duration, "requests": len(recs), "ok": len(ok), "failed": len(recs) - len(ok),
-            "ok_per_s": len(ok) / max(duration, 1e-9),
-            "p50_s": pct([r.latency_s for r in ok], 50), "p95_s": pct([r.latency_s for r in ok], 95),
-            "disconnects_mid_stream": sum(1 for r in recs if r.finish_reason == "client_closed"),
-            "by_kind": by_kind, "failures": dict(fails.most_common()), "failure_examples": examples,
-            "rss": rss, "latency_first_vs_last": lat_fl, "health": health, "settle": settle}
+    health = {
+        "samples": len(samples),
+        "ok_samples": len(hs),
+        "errors": sum(1 for s in samples if "health_error" in s or s.get("health_status") not in (200, None)),
+        "max_s": max((s["health_s"] for s in hs), default=None),
+        "p50_s": pct([s["health_s"] for s in hs], 50),
+        "max_running": max((s.get("running") or 0 for s in hs), default=None),
+        "max_waiting": max((s.get("waiting") or 0 for s in hs), default=None),
+        "max_kv_blocks_used": max((s["stats"].get("kv_blocks_used", 0) for s in hs), default=None),
+    }
+    return {
+        "duration_s": duration,
+        "requests": len(recs),
+        "ok": len(ok),
+        "failed": len(recs) - len(ok),
+        "ok_per_s": len(ok) / max(duration, 1e-9),
+        "p50_s": pct([r.latency_s for r in ok], 50),
+        "p95_s": pct([r.latency_s for r in ok], 95),
+        "disconnects_mid_stream": sum(1 for r in recs if r.finish_reason == "client_closed"),
+        "by_kind": by_kind,
+        "failures": dict(fails.most_common()),
+        "failure_examples": examples,
+        "rss": rss,
+        "latency_first_vs_last": lat_fl,
+        "health": health,
+        "settle": settle,
+    }
 
 
 def print_summary(s: dict, args) -> None:
-    print(f"\n== soak summary: {s['duration_s'] / 60:.1f} min at c={args.concurrency}: {s['requests']} requests, "
-          f"{s['ok']} ok, {s['failed']} failed, {s['ok_per_s']:.2f} ok req/s, "
-          f"latency p50 {ms(s['p50_s'])} ms p95 {ms(s['p95_s'])} ms")
-    print(f"   {'kind':<13}{'requests':>9}{'ok':>6}{'failed':>7}{'p50 ms':>8}{'p95 ms':>8}{'TTFT p50':>9}  finish reasons")
+    print(
+        f"\n== soak summary: {s['duration_s'] / 60:.1f} min at c={args.concurrency}: {s['requests']} requests, "
+        f"{s['ok']} ok, {s['failed']} failed, {s['ok_per_s']:.2f} ok req/s, "
+        f"latency p50 {ms(s['p50_s'])} ms p95 {ms(s['p95_s'])} ms"
+    )
+    print(
+        f"   {'kind':<13}{'requests':>9}{'ok':>6}{'failed':>7}{'p50 ms':>8}{'p95 ms':>8}{'TTFT p50':>9}  finish reasons"
+    )
     for k, v in s["by_kind"].items():
-        print(f"   {k:<13}{v['requests']:>9}{v['ok']:>6}{v['failed']:>7}{ms(v['p50_s']):>8}{ms(v['p95_s']):>8}"
-              f"{ms(v['ttft_p50_s']):>9}  {v['finish_reasons']}")
+        print(
+            f"   {k:<13}{v['requests']:>9}{v['ok']:>6}{v['failed']:>7}{ms(v['p50_s']):>8}{ms(v['p95_s']):>8}"
+            f"{ms(v['ttft_p50_s']):>9}  {v['finish_reasons']}"
+        )
     print(f"   disconnects that closed mid-stream: {s['disconnects_mid_stream']}")
     if s["failures"]:
         print("   failures by kind and outcome/reason:")
@@ -520,44 +599,59 @@ def print_summary(s: dict, args) -> None:
     r = s["rss"]
     if r:
         slope = r.get("second_half_slope_mb_per_min")
-        print(f"   RSS: start (after warm-up) {r['start_mb']:.0f} MB, middle {r['middle_mb']:.0f} MB, "
-              f"end {r['end_mb']:.0f} MB, max {r['max_mb']:.0f} MB; growth {r['growth_mb']:+.1f} MB "
-              f"({r['growth_pct']:+.1f}%); 2nd-half slope "
-              f"{'n/a' if slope is None else f'{slope:+.2f} MB/min'}"
-              + (f"; after settle {r['after_settle_mb']:.0f} MB" if "after_settle_mb" in r else ""))
+        print(
+            f"   RSS: start (after warm-up) {r['start_mb']:.0f} MB, middle {r['middle_mb']:.0f} MB, "
+            f"end {r['end_mb']:.0f} MB, max {r['max_mb']:.0f} MB; growth {r['growth_mb']:+.1f} MB "
+            f"({r['growth_pct']:+.1f}%); 2nd-half slope "
+            f"{'n/a' if slope is None else f'{slope:+.2f} MB/min'}"
+            + (f"; after settle {r['after_settle_mb']:.0f} MB" if "after_settle_mb" in r else "")
+        )
     else:
         print("   RSS: not sampled (no server PID; pass --pid with --base-url)")
     fl = s["latency_first_vs_last"]
     w = fl["window_s"]
-    print(f"   latency, first {w:.0f} s vs last {w:.0f} s (ok requests by start time): "
-          f"p50 {ms(fl['first']['p50_s'])} -> {ms(fl['last']['p50_s'])} ms, "
-          f"p95 {ms(fl['first']['p95_s'])} -> {ms(fl['last']['p95_s'])} ms "
-          f"(n {fl['first']['n']} / {fl['last']['n']})")
+    print(
+        f"   latency, first {w:.0f} s vs last {w:.0f} s (ok requests by start time): "
+        f"p50 {ms(fl['first']['p50_s'])} -> {ms(fl['last']['p50_s'])} ms, "
+        f"p95 {ms(fl['first']['p95_s'])} -> {ms(fl['last']['p95_s'])} ms "
+        f"(n {fl['first']['n']} / {fl['last']['n']})"
+    )
     for k, v in fl["by_kind"].items():
-        print(f"     {k:<13} p50 {ms(v['first_p50_s']):>6} -> {ms(v['last_p50_s']):>6} ms, "
-              f"p95 {ms(v['first_p95_s']):>6} -> {ms(v['last_p95_s']):>6} ms")
+        print(
+            f"     {k:<13} p50 {ms(v['first_p50_s']):>6} -> {ms(v['last_p50_s']):>6} ms, "
+            f"p95 {ms(v['first_p95_s']):>6} -> {ms(v['last_p95_s']):>6} ms"
+        )
     h = s["health"]
-    print(f"   /health: {h['samples']} samples, {h['errors']} errors, response p50 {ms(h['p50_s'])} ms, "
-          f"max {ms(h['max_s'])} ms; max running {h['max_running']}, max waiting {h['max_waiting']}, "
-          f"max kv_blocks_used {h['max_kv_blocks_used']}")
+    print(
+        f"   /health: {h['samples']} samples, {h['errors']} errors, response p50 {ms(h['p50_s'])} ms, "
+        f"max {ms(h['max_s'])} ms; max running {h['max_running']}, max waiting {h['max_waiting']}, "
+        f"max kv_blocks_used {h['max_kv_blocks_used']}"
+    )
     st = s["settle"]
     if st.get("idle"):
-        print(f"   after the run: running={st['running']} waiting={st['waiting']} "
-              f"(back to 0 {st['after_s']:.1f} s after the last request ended), kv_blocks_used={st.get('kv_blocks_used')}")
+        print(
+            f"   after the run: running={st['running']} waiting={st['waiting']} "
+            f"(back to 0 {st['after_s']:.1f} s after the last request ended), kv_blocks_used={st.get('kv_blocks_used')}"
+        )
     else:
-        print(f"   after the run: NOT idle within {args.settle_s:.0f} s: running={st.get('running')} "
-              f"waiting={st.get('waiting')} {st.get('error', '')}")
+        print(
+            f"   after the run: NOT idle within {args.settle_s:.0f} s: running={st.get('running')} "
+            f"waiting={st.get('waiting')} {st.get('error', '')}"
+        )
 
 
-def plot(path: Path, recs: list[Rec], samples: list[dict], rows: list[dict], duration: float, args,
-         s: dict) -> None:
+def plot(path: Path, recs: list[Rec], samples: list[dict], rows: list[dict], duration: float, args, s: dict) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(12, 11), sharex=True)
-    fig.suptitle(f"chatserve soak: c={args.concurrency}, {duration / 60:.1f} min, {s['requests']} requests "
-                 f"({s['failed']} failed), mix {args.mix}", fontsize=10)
+    fig.suptitle(
+        f"chatserve soak: c={args.concurrency}, {duration / 60:.1f} min, {s['requests']} requests "
+        f"({s['failed']} failed), mix {args.mix}",
+        fontsize=10,
+    )
     # 1: RSS, with running + waiting behind it
     xs = [x["t"] / 60 for x in samples if x.get("rss_mb") is not None]
     ys = [x["rss_mb"] for x in samples if x.get("rss_mb") is not None]
@@ -569,14 +663,28 @@ def plot(path: Path, recs: list[Rec], samples: list[dict], rows: list[dict], dur
         a1.text(0.5, 0.5, "RSS not sampled (no server PID)", transform=a1.transAxes, ha="center")
     r = s["rss"]
     a1.set_ylabel("RSS (MB)")
-    a1.set_title("server RSS" + (f": {r['start_mb']:.0f} -> {r['end_mb']:.0f} MB ({r['growth_mb']:+.1f} MB)"
-                                 if r else ""), fontsize=10)
+    a1.set_title(
+        "server RSS" + (f": {r['start_mb']:.0f} -> {r['end_mb']:.0f} MB ({r['growth_mb']:+.1f} MB)" if r else ""),
+        fontsize=10,
+    )
     b1 = a1.twinx()
     hx = [x["t"] / 60 for x in samples if x.get("running") is not None]
-    b1.step(hx, [x["running"] for x in samples if x.get("running") is not None], where="post", color="grey",
-            alpha=0.6, label="/health running")
-    b1.step(hx, [x["waiting"] for x in samples if x.get("running") is not None], where="post", color="orange",
-            alpha=0.6, label="/health waiting")
+    b1.step(
+        hx,
+        [x["running"] for x in samples if x.get("running") is not None],
+        where="post",
+        color="grey",
+        alpha=0.6,
+        label="/health running",
+    )
+    b1.step(
+        hx,
+        [x["waiting"] for x in samples if x.get("running") is not None],
+        where="post",
+        color="orange",
+        alpha=0.6,
+        label="/health waiting",
+    )
     b1.set_ylabel("sequences")
     b1.set_ylim(bottom=0)
     h1, l1 = a1.get_legend_handles_labels()
@@ -587,12 +695,13 @@ def plot(path: Path, recs: list[Rec], samples: list[dict], rows: list[dict], dur
     a2.plot(mid, [row["p50_s"] for row in rows], "o-", color="black", lw=2, label="all kinds p50")
     a2.plot(mid, [row["p95_s"] for row in rows], "s--", color="black", lw=2, label="all kinds p95")
     for k in sorted({k for row in rows for k in row["by_kind"]}):
-        a2.plot(mid, [row["by_kind"].get(k, {}).get("p50_s") for row in rows], ".-", lw=1, alpha=0.7,
-                label=f"{k} p50")
+        a2.plot(mid, [row["by_kind"].get(k, {}).get("p50_s") for row in rows], ".-", lw=1, alpha=0.7, label=f"{k} p50")
     a2.set_ylabel("latency (s)")
-    top = max((v for row in rows for v in [row["p95_s"]] + [k["p50_s"] for k in row["by_kind"].values()]
-               if v is not None), default=1.0)
-    a2.set_ylim(0, top * 1.45)   # room for the legend above the lines
+    top = max(
+        (v for row in rows for v in [row["p95_s"]] + [k["p50_s"] for k in row["by_kind"].values()] if v is not None),
+        default=1.0,
+    )
+    a2.set_ylim(0, top * 1.45)  # room for the legend above the lines
     a2.set_title(f"request latency (send -> last byte) per {args.bucket_s:.0f} s bucket, ok requests", fontsize=10)
     a2.legend(fontsize=7, ncol=5, loc="upper left")
     # 3: throughput and failures
@@ -601,8 +710,15 @@ def plot(path: Path, recs: list[Rec], samples: list[dict], rows: list[dict], dur
     a3.set_ylabel("ok requests/s")
     a3.set_ylim(bottom=0)
     b3 = a3.twinx()
-    b3.bar([row["t0_s"] / 60 for row in rows], [row["failed"] for row in rows], width=width * 0.9, align="edge",
-           color="tab:red", alpha=0.4, label="failed requests")
+    b3.bar(
+        [row["t0_s"] / 60 for row in rows],
+        [row["failed"] for row in rows],
+        width=width * 0.9,
+        align="edge",
+        color="tab:red",
+        alpha=0.4,
+        label="failed requests",
+    )
     b3.set_ylabel("failed per bucket")
     b3.set_ylim(0, max(1, max((row["failed"] for row in rows), default=0)) * 1.3)
     h1, l1 = a3.get_legend_handles_labels()
@@ -624,6 +740,7 @@ def plot(path: Path, recs: list[Rec], samples: list[dict], rows: list[dict], dur
 # main
 # --------------------------------------------------------------------------- #
 
+
 def parse_mix(text: str) -> dict[str, float]:
     out = {}
     for part in text.split(","):
@@ -638,15 +755,19 @@ def parse_mix(text: str) -> dict[str, float]:
     return out
 
 
-def wait_idle(health_url: str, pid: Optional[int], timeout: float) -> dict:
+def wait_idle(health_url: str, pid: int | None, timeout: float) -> dict:
     t = time.perf_counter()
     last: dict[str, Any] = {}
     with httpx.Client(timeout=10, trust_env=False) as c:
         while True:
             s = health_sample(c, health_url, pid, t)
-            last = {"running": s.get("running"), "waiting": s.get("waiting"),
-                    "kv_blocks_used": (s.get("stats") or {}).get("kv_blocks_used"), "rss_mb": s.get("rss_mb"),
-                    "after_s": time.perf_counter() - t}
+            last = {
+                "running": s.get("running"),
+                "waiting": s.get("waiting"),
+                "kv_blocks_used": (s.get("stats") or {}).get("kv_blocks_used"),
+                "rss_mb": s.get("rss_mb"),
+                "after_s": time.perf_counter() - t,
+            }
             if "health_error" in s:
                 last["error"] = s["health_error"]
             if s.get("running") == 0 and s.get("waiting") == 0:
@@ -666,10 +787,18 @@ def main() -> int:
     ap.add_argument("--min-tokens", type=int, default=16, help="max_tokens is drawn in [min, max] for plain kinds")
     ap.add_argument("--max-tokens", type=int, default=48, help="and used as is for json_schema, tools, stop")
     ap.add_argument("--request-timeout", type=float, default=120.0, help="seconds, each request in all")
-    ap.add_argument("--sample-s", type=float, default=0.0, help="RSS + /health sample interval (default: 5 s, "
-                                                                "2 s for runs under 5 min)")
-    ap.add_argument("--bucket-s", type=float, default=0.0, help="latency/throughput bucket (default: 60 s, "
-                                                                "10 s for runs under 5 min)")
+    ap.add_argument(
+        "--sample-s",
+        type=float,
+        default=0.0,
+        help="RSS + /health sample interval (default: 5 s, 2 s for runs under 5 min)",
+    )
+    ap.add_argument(
+        "--bucket-s",
+        type=float,
+        default=0.0,
+        help="latency/throughput bucket (default: 60 s, 10 s for runs under 5 min)",
+    )
     ap.add_argument("--settle-s", type=float, default=30.0, help="how long to wait for running/waiting to be 0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-url", help="a running server (loopback only), e.g. http://127.0.0.1:8000")
@@ -695,9 +824,14 @@ def main() -> int:
         proc, port = start_server(args.server_args.split(), args.model, args.dtype)
         root, pid = f"http://127.0.0.1:{port}", proc.pid
     url, health_url = root + "/v1/chat/completions", root + "/health"
-    report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}, "base_url": root, "pid": pid,
-                              "machine": os.uname().nodename, "cpus": os.cpu_count(),
-                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    report: dict[str, Any] = {
+        "args": {k: v for k, v in vars(args).items()},
+        "base_url": root,
+        "pid": pid,
+        "machine": os.uname().nodename,
+        "cpus": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     try:
         with httpx.Client(timeout=30, trust_env=False) as c:
             model = c.get(root + "/v1/models").json()["data"][0]["id"]
@@ -705,19 +839,22 @@ def main() -> int:
         print(f">> warm-up: one request of each kind ({', '.join(args.mix_weights)})")
         warm = asyncio.run(warm_up(url, model, args))
         for r in warm:
-            print(f"   {r.kind:<13} {r.outcome:<12} {r.latency_s * 1000:6.0f} ms"
-                  + (f"  {r.reason}: {r.detail!r:.120}" if r.outcome != "ok" else ""))
+            print(
+                f"   {r.kind:<13} {r.outcome:<12} {r.latency_s * 1000:6.0f} ms"
+                + (f"  {r.reason}: {r.detail!r:.120}" if r.outcome != "ok" else "")
+            )
         report["warmup"] = [asdict(r) for r in warm]
 
         print(f">> soak: {args.minutes:g} min at c={args.concurrency}, mix {args.mix}")
         samples: list[dict] = []
         stop_evt, t0 = threading.Event(), time.perf_counter()
         deadline = t0 + args.minutes * 60
-        th = threading.Thread(target=sampler, args=(stop_evt, samples, health_url, pid, t0, args.sample_s, proc),
-                              daemon=True)
+        th = threading.Thread(
+            target=sampler, args=(stop_evt, samples, health_url, pid, t0, args.sample_s, proc), daemon=True
+        )
         th.start()
         recs = asyncio.run(soak(url, model, args, t0, deadline, stop_evt))
-        duration = time.perf_counter() - t0   # the last request's end (in-flight ones finish past the deadline)
+        duration = time.perf_counter() - t0  # the last request's end (in-flight ones finish past the deadline)
         stop_evt.set()
         th.join(timeout=15)
         if proc is not None and proc.poll() is not None:
@@ -742,7 +879,7 @@ def main() -> int:
     plot(png_path, recs, samples, rows, duration, args, summary)
     print_summary(summary, args)
     print(f">> wrote {json_path}\n>> wrote {png_path}")
-    return 0 if summary["failed"] == 0 and settle.get("idle") else 1   # 1: failures, or not idle after
+    return 0 if summary["failed"] == 0 and settle.get("idle") else 1  # 1: failures, or not idle after
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Joining left-pads whichever side is shorter; leaving drops the row and trims col
 padding for every remaining row. Each decode step then runs one forward over all rows with a 2-D
 attention mask that hides each row's padding, and per-row position ids.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,7 @@ def cache_length(cache: DynamicCache) -> int:
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, n, 0)) if n else t   # [B, H, T, D]: pad T on the left
+    return F.pad(t, (0, 0, n, 0)) if n else t  # [B, H, T, D]: pad T on the left
 
 
 class DecodeBatch:
@@ -25,8 +26,8 @@ class DecodeBatch:
         self.device = device
         self.cache_kw = cache_kw
         self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None    # [B, T] long: 1 real, 0 padding
-        self.lengths: list[int] = []             # real tokens per row (= next position id)
+        self.mask: torch.Tensor | None = None  # [B, T] long: 1 real, 0 padding
+        self.lengths: list[int] = []  # real tokens per row (= next position id)
 
     @property
     def size(self) -> int:
@@ -50,8 +51,13 @@ class DecodeBatch:
         for mine, new in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(new.keys, row_pad)], dim=0)
             mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(new.values, row_pad)], dim=0)
-        row_mask = torch.cat([torch.zeros(1, row_pad, dtype=torch.long, device=self.device),
-                              torch.ones(1, n, dtype=torch.long, device=self.device)], dim=1)
+        row_mask = torch.cat(
+            [
+                torch.zeros(1, row_pad, dtype=torch.long, device=self.device),
+                torch.ones(1, n, dtype=torch.long, device=self.device),
+            ],
+            dim=1,
+        )
         self.mask = torch.cat([F.pad(self.mask, (grow, 0)), row_mask], dim=0)
         self.lengths.append(n)
         return self.size - 1
@@ -68,7 +74,7 @@ class DecodeBatch:
         self.lengths = [self.lengths[i] for i in keep]
         trim = self.width - max(self.lengths)
         idx = torch.tensor(keep, device=self.device)
-        for layer in self.cache.layers:   # trim first, so only the kept columns are copied
+        for layer in self.cache.layers:  # trim first, so only the kept columns are copied
             layer.keys = layer.keys[:, :, trim:].index_select(0, idx)
             layer.values = layer.values[:, :, trim:].index_select(0, idx)
         self.mask = self.mask[:, trim:].index_select(0, idx)
@@ -88,9 +94,13 @@ class DecodeBatch:
         ids = torch.tensor(last_tokens, dtype=torch.long, device=self.device).unsqueeze(1)
         positions, _ = self.prepare_decode()
         width = self.width
-        kwargs = {"input_ids": ids, self.cache_kw: self.cache, "use_cache": True,
-                  "position_ids": torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1),
-                  "cache_position": torch.tensor([width - 1], device=self.device)}
+        kwargs = {
+            "input_ids": ids,
+            self.cache_kw: self.cache,
+            "use_cache": True,
+            "position_ids": torch.tensor(positions, dtype=torch.long, device=self.device).unsqueeze(1),
+            "cache_position": torch.tensor([width - 1], device=self.device),
+        }
         # A batch without padding needs no mask (the fast path generate() takes at batch 1).
         kwargs["attention_mask"] = None if width == min(self.lengths) else self.mask
         return kwargs

@@ -18,11 +18,12 @@ their KV was written, so a sequence never shares a block that is still being pre
 ``from_token`` (e.g. a hash of a prompt's images, from its first image token on), so equal token ids
 with different images never share KV, while the text before the first image still does.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
 
-NULL_BLOCK = 0   # block 0 is never handed out: padding in gathers points at its (zero) slots
+NULL_BLOCK = 0  # block 0 is never handed out: padding in gathers points at its (zero) slots
 
 
 class Block:
@@ -78,8 +79,9 @@ class BlockManager:
         return self.blocks_for(num_tokens) <= len(self.free)
 
     # ------------------------------------------------------------------ allocation
-    def allocate(self, token_ids: list[int], extra: tuple[int, object] | None = None,
-                 reuse: bool = True) -> tuple[list[int], int]:
+    def allocate(
+        self, token_ids: list[int], extra: tuple[int, object] | None = None, reuse: bool = True
+    ) -> tuple[list[int], int]:
         """Blocks for a sequence about to be prefilled: (block table, tokens whose KV is already there).
 
         Full blocks found in the prefix cache are shared; at least one token is always left to
@@ -93,7 +95,7 @@ class BlockManager:
         if self.prefix_caching and reuse:
             self.lookups += 1
             for start in range(0, (len(token_ids) - 1) // bs * bs, bs):
-                key = tuple(token_ids[start:start + bs])
+                key = tuple(token_ids[start : start + bs])
                 h = chain_hash(prev, key, _key(extra, start + bs))
                 bid = self.by_hash.get(h)
                 if bid is None or self.blocks[bid].token_ids != key:
@@ -125,8 +127,15 @@ class BlockManager:
                 self.free[bid] = None
         table.clear()
 
-    def register(self, token_ids: list[int], table: list[int], num_computed: int, num_registered: int,
-                 prev_hash: int | None, extra: tuple[int, object] | None = None) -> tuple[int, int | None]:
+    def register(
+        self,
+        token_ids: list[int],
+        table: list[int],
+        num_computed: int,
+        num_registered: int,
+        prev_hash: int | None,
+        extra: tuple[int, object] | None = None,
+    ) -> tuple[int, int | None]:
         """Register the full blocks among the first ``num_computed`` tokens (their KV is written)
         that are not registered yet; returns the new (num_registered, prev_hash) to keep on the
         sequence."""
@@ -134,7 +143,7 @@ class BlockManager:
             return num_registered, prev_hash
         bs = self.block_size
         while (num_registered + 1) * bs <= num_computed:
-            key = tuple(token_ids[num_registered * bs:(num_registered + 1) * bs])
+            key = tuple(token_ids[num_registered * bs : (num_registered + 1) * bs])
             h = chain_hash(prev_hash, key, _key(extra, (num_registered + 1) * bs))
             block = self.blocks[table[num_registered]]
             if block.hash is None:
@@ -154,7 +163,7 @@ class BlockManager:
     def _take_free(self) -> int:
         bid, _ = self.free.popitem(last=False)
         block = self.blocks[bid]
-        if block.hash is not None:   # its old prefix is overwritten now
+        if block.hash is not None:  # its old prefix is overwritten now
             if self.by_hash.get(block.hash) == bid:
                 del self.by_hash[block.hash]
             block.hash = block.token_ids = None
@@ -162,6 +171,10 @@ class BlockManager:
         return bid
 
     def stats(self) -> dict:
-        return {"kv_blocks_total": self.num_blocks - 1, "kv_blocks_used": self.num_used,
-                "kv_blocks_free": self.num_free, "kv_block_size": self.block_size,
-                "prefix_cache_blocks": len(self.by_hash)}
+        return {
+            "kv_blocks_total": self.num_blocks - 1,
+            "kv_blocks_used": self.num_used,
+            "kv_blocks_free": self.num_free,
+            "kv_block_size": self.block_size,
+            "prefix_cache_blocks": len(self.by_hash),
+        }

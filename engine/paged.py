@@ -19,6 +19,7 @@ A 4-D placeholder attention mask makes transformers skip building masks of its o
 switches a model to this attention only if a self-test (two sequences over two packed steps,
 against plain forwards) gives the same logits; otherwise the engine keeps its fallback path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,6 +61,7 @@ def decode_splits(rows: int, kv_heads: int, device) -> int:
     """The kernel's context splits for a step of ``rows`` decode rows: a function of the CUDA-graph
     bucket the row count falls in, so eager steps and graph replays of one bucket compute alike."""
     from .cuda_graphs import bucket_for
+
     return _triton().splits_for(bucket_for(rows), kv_heads, device)
 
 
@@ -70,10 +72,12 @@ def _triton():
     if not _TRITON:
         try:
             from . import triton_attention
+
             _TRITON.append(triton_attention)
-        except Exception as exc:   # no triton (or no working compiler): gather + SDPA everywhere
-            log.warning("Triton paged attention unavailable (%s: %s); decode attention gathers instead",
-                        type(exc).__name__, exc)
+        except Exception as exc:  # no triton (or no working compiler): gather + SDPA everywhere
+            log.warning(
+                "Triton paged attention unavailable (%s: %s); decode attention gathers instead", type(exc).__name__, exc
+            )
             _TRITON.append(None)
     return _TRITON[0]
 
@@ -81,10 +85,11 @@ def _triton():
 @dataclass
 class Segment:
     """A prompt chunk in the step: ``n`` tokens after ``past`` already in the pool."""
-    offset: int                     # where the chunk starts in the packed sequence
+
+    offset: int  # where the chunk starts in the packed sequence
     past: int
     n: int
-    context: torch.Tensor | None    # slots of positions [0, past + n) when past > 0
+    context: torch.Tensor | None  # slots of positions [0, past + n) when past > 0
 
 
 class _FreshBatch:
@@ -100,7 +105,7 @@ class _FreshBatch:
         sizes = torch.tensor(self.sizes, device=device)
         offsets = torch.tensor([segments[i].offset for i in members], device=device)
         self.index = offsets[:, None] + torch.minimum(pos[None, :], sizes[:, None] - 1)
-        self.valid = pos[None, :] < sizes[:, None]                      # [k, width]
+        self.valid = pos[None, :] < sizes[:, None]  # [k, width]
         self.keep = self.valid.reshape(-1).nonzero().squeeze(1)
         self.pos = pos
         self._masks: dict = {}
@@ -111,40 +116,51 @@ class _FreshBatch:
             allowed = k <= q
             if window is not None:
                 allowed = allowed & (k > q - window)
-            self._masks[window] = (allowed[None] & self.valid[:, None, :])[:, None]   # [k, 1, width, width]
+            self._masks[window] = (allowed[None] & self.valid[:, None, :])[:, None]  # [k, 1, width, width]
         return self._masks[window]
 
 
 class _LayerRef:
     """What PagedStep.update returns in place of key/value tensors: the step and the layer index."""
+
     __slots__ = ("step", "layer")
 
-    def __init__(self, step: "PagedStep", layer: int):
+    def __init__(self, step: PagedStep, layer: int):
         self.step, self.layer = step, layer
 
 
 class PagedStep:
     """The layout of one packed forward, passed to the model as its cache."""
+
     is_compileable = False
 
-    def __init__(self, pool: KVPool, slot_mapping: torch.Tensor, rows: int, row_slots: torch.Tensor | None,
-                 row_lengths: torch.Tensor | None, segments: list[Segment], tables: torch.Tensor | None = None,
-                 splits: int = 0):
+    def __init__(
+        self,
+        pool: KVPool,
+        slot_mapping: torch.Tensor,
+        rows: int,
+        row_slots: torch.Tensor | None,
+        row_lengths: torch.Tensor | None,
+        segments: list[Segment],
+        tables: torch.Tensor | None = None,
+        splits: int = 0,
+    ):
         self.pool = pool
-        self.slot_mapping = slot_mapping   # [N]: where each token's keys/values go
+        self.slot_mapping = slot_mapping  # [N]: where each token's keys/values go
         self.rows = rows
-        self.row_slots = row_slots         # [rows, T]: every row's context, padded with null slots (gather path)
-        self.row_lengths = row_lengths     # [rows]
-        self.tables = tables               # [rows, W] block tables (kernel path: CUDA)
-        self.splits = splits               # the kernel's context splits (engine/triton_attention.py)
-        self.min_len = self.max_len = 0    # shortest / longest row context (Python ints: no device sync)
+        self.row_slots = row_slots  # [rows, T]: every row's context, padded with null slots (gather path)
+        self.row_lengths = row_lengths  # [rows]
+        self.tables = tables  # [rows, W] block tables (kernel path: CUDA)
+        self.splits = splits  # the kernel's context splits (engine/triton_attention.py)
+        self.min_len = self.max_len = 0  # shortest / longest row context (Python ints: no device sync)
         self.segments = segments
         self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._masks: dict = {}
 
     @classmethod
-    def build(cls, pool: KVPool, rows: list[tuple[list[int], int]], chunks: list[tuple[list[int], int, int]],
-              device) -> "PagedStep":
+    def build(
+        cls, pool: KVPool, rows: list[tuple[list[int], int]], chunks: list[tuple[list[int], int, int]], device
+    ) -> PagedStep:
         """rows: (block table, context length incl. this step's token); chunks: (block table, past, n)."""
         bs = pool.block_size
         mapping: list[int] = []
@@ -164,7 +180,7 @@ class PagedStep:
                 pos = torch.arange(max(lengths), device=device)
                 row_slots = table_t[:, pos // bs] * bs + pos % bs
                 if min(lengths) != max(lengths):
-                    row_slots = row_slots.masked_fill(pos[None, :] >= row_lengths[:, None], 0)   # null slots
+                    row_slots = row_slots.masked_fill(pos[None, :] >= row_lengths[:, None], 0)  # null slots
         segments = []
         offset = len(rows)
         parts = [torch.tensor(mapping, dtype=torch.long, device=device)] if rows else []
@@ -204,7 +220,7 @@ class PagedStep:
 
     def segment_mask(self, seg: Segment, window: int | None, device) -> torch.Tensor | None:
         if seg.past == 0 and (window is None or seg.n <= window):
-            return None   # plain causal over the chunk's own keys
+            return None  # plain causal over the chunk's own keys
         key = (seg.past, seg.n, window)
         if key not in self._masks:
             q = torch.arange(seg.past, seg.past + seg.n, device=device)[:, None]
@@ -215,12 +231,13 @@ class PagedStep:
             self._masks[key] = mask[None, None]
         return self._masks[key]
 
-    def fresh_batch(self) -> "_FreshBatch | None":
+    def fresh_batch(self) -> _FreshBatch | None:
         """The step's prompt chunks that start their sequences, when there are several (made once per step)."""
         if "fresh" not in self._masks:
             members = [i for i, seg in enumerate(self.segments) if seg.context is None]
-            self._masks["fresh"] = _FreshBatch(self.segments, members, self.slot_mapping.device) \
-                if len(members) > 1 else None
+            self._masks["fresh"] = (
+                _FreshBatch(self.segments, members, self.slot_mapping.device) if len(members) > 1 else None
+            )
         return self._masks["fresh"]
 
     # transformers asks a few things of the object passed as the cache
@@ -229,34 +246,45 @@ class PagedStep:
 
 
 def paged_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    if not isinstance(key, _LayerRef):   # not a paged step (e.g. a plain forward): transformers' SDPA
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+    if not isinstance(key, _LayerRef):  # not a paged step (e.g. a plain forward): transformers' SDPA
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if kwargs.get("softcap") is not None:
         raise ValueError("paged attention does not implement logit soft-capping")
     step, li = key.step, key.layer
     window = kwargs.get("sliding_window")
     parts = []
     rows = step.rows
-    if rows and step.tables is not None:                                # CUDA: straight from the pool
-        q = query[0, :, :rows].transpose(0, 1)                          # [rows, Hq, D]
-        parts.append(_triton().paged_decode(q, step.pool.keys[li], step.pool.values[li], step.tables,
-                                            step.row_lengths, step.pool.block_size,
-                                            scaling if scaling is not None else q.shape[-1] ** -0.5,
-                                            window, step.splits))
+    if rows and step.tables is not None:  # CUDA: straight from the pool
+        q = query[0, :, :rows].transpose(0, 1)  # [rows, Hq, D]
+        parts.append(
+            _triton().paged_decode(
+                q,
+                step.pool.keys[li],
+                step.pool.values[li],
+                step.tables,
+                step.row_lengths,
+                step.pool.block_size,
+                scaling if scaling is not None else q.shape[-1] ** -0.5,
+                window,
+                step.splits,
+            )
+        )
     elif rows:
-        k, v = step.pool.gather(li, step.row_slots)                     # [rows, T, H, D]
-        q = query[0, :, :rows].transpose(0, 1).unsqueeze(2)             # [rows, Hq, 1, D]
-        out, _ = sdpa_attention_forward(module, q, k.transpose(1, 2), v.transpose(1, 2), step.row_mask(window),
-                                        scaling=scaling, is_causal=False)
-        parts.append(out.reshape(rows, *out.shape[2:]))                 # [rows, Hq, D]
+        k, v = step.pool.gather(li, step.row_slots)  # [rows, T, H, D]
+        q = query[0, :, :rows].transpose(0, 1).unsqueeze(2)  # [rows, Hq, 1, D]
+        out, _ = sdpa_attention_forward(
+            module, q, k.transpose(1, 2), v.transpose(1, 2), step.row_mask(window), scaling=scaling, is_causal=False
+        )
+        parts.append(out.reshape(rows, *out.shape[2:]))  # [rows, Hq, D]
     if not step.segments:
         return parts[0].unsqueeze(0), None
     fresh_k, fresh_v = step._fresh
     batched = step.fresh_batch()
-    if batched is not None:   # every chunk that starts its sequence, in one padded SDPA call
-        index = batched.index                                           # [k, width] packed positions
-        q = query[0][:, index].transpose(0, 1)                          # [k, Hq, width, D]
+    if batched is not None:  # every chunk that starts its sequence, in one padded SDPA call
+        index = batched.index  # [k, width] packed positions
+        q = query[0][:, index].transpose(0, 1)  # [k, Hq, width, D]
         k, v = fresh_k[0][:, index].transpose(0, 1), fresh_v[0][:, index].transpose(0, 1)
         out, _ = sdpa_attention_forward(module, q, k, v, batched.mask(window), scaling=scaling, is_causal=False)
         pieces = dict(zip(batched.members, out.reshape(-1, *out.shape[2:])[batched.keep].split(batched.sizes)))
@@ -264,26 +292,34 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
         if batched is not None and i in pieces:
             parts.append(pieces[i])
             continue
-        q = query[:, :, seg.offset:seg.offset + seg.n]
+        q = query[:, :, seg.offset : seg.offset + seg.n]
         if seg.context is None:
-            k = fresh_k[:, :, seg.offset:seg.offset + seg.n]
-            v = fresh_v[:, :, seg.offset:seg.offset + seg.n]
+            k = fresh_k[:, :, seg.offset : seg.offset + seg.n]
+            v = fresh_v[:, :, seg.offset : seg.offset + seg.n]
         else:
-            k, v = step.pool.gather(li, seg.context)                    # [past + n, H, D]
+            k, v = step.pool.gather(li, seg.context)  # [past + n, H, D]
             k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         mask = step.segment_mask(seg, window, query.device)
         out, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=mask is None)
-        parts.append(out[0])                                            # [n, Hq, D]
+        parts.append(out[0])  # [n, Hq, D]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    return out.unsqueeze(0), None                                       # [1, N, Hq, D]
+    return out.unsqueeze(0), None  # [1, N, Hq, D]
 
 
 AttentionInterface.register(NAME, paged_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def forward(model, cache_kw: str, tokens: list[int], positions: list[int] | torch.Tensor, step: PagedStep,
-            keep: list[int], device, images: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+def forward(
+    model,
+    cache_kw: str,
+    tokens: list[int],
+    positions: list[int] | torch.Tensor,
+    step: PagedStep,
+    keep: list[int],
+    device,
+    images: tuple[list[int], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Run one packed step; returns float logits at the packed indices ``keep`` ([len(keep), V]).
 
     ``images``: (packed indices of image placeholder tokens, their embeddings from the vision
@@ -291,12 +327,12 @@ def forward(model, cache_kw: str, tokens: list[int], positions: list[int] | torc
     forward merges image features, but for any slice of a prompt's image tokens.
     """
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    if isinstance(positions, torch.Tensor):   # [axes, N] (multimodal rotary positions)
+    if isinstance(positions, torch.Tensor):  # [axes, N] (multimodal rotary positions)
         pos = positions.unsqueeze(1)
     else:
         pos = torch.tensor([positions], dtype=torch.long, device=device)
     mask = _placeholder_masks.get(str(device))
-    if mask is None:   # made once per device, not copied to it every step
+    if mask is None:  # made once per device, not copied to it every step
         mask = _placeholder_masks[str(device)] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
     inputs = {"input_ids": ids}
     if images is not None:
@@ -304,8 +340,14 @@ def forward(model, cache_kw: str, tokens: list[int], positions: list[int] | torc
         embeds = model.get_input_embeddings()(ids)
         embeds[0, torch.tensor(at, dtype=torch.long, device=device)] = rows.to(embeds.dtype)
         inputs = {"inputs_embeds": embeds}
-    out = model(**inputs, position_ids=pos, attention_mask=mask, use_cache=True,
-                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device), **{cache_kw: step})
+    out = model(
+        **inputs,
+        position_ids=pos,
+        attention_mask=mask,
+        use_cache=True,
+        logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+        **{cache_kw: step},
+    )
     return out.logits[0].float()
 
 
@@ -320,15 +362,16 @@ def install(model, cache_kw: str, device) -> bool:
     if not layer_types <= {"full_attention", "sliding_attention"}:
         log.info("paged steps off: the model has non-attention layers (%s)", sorted(layer_types))
         return False
+
     def attempt():
         try:
             return _self_test(model, cache_kw, device)
-        except Exception as exc:   # an architecture that does not fit: keep the fallback path
+        except Exception as exc:  # an architecture that does not fit: keep the fallback path
             return False, f"{type(exc).__name__}: {exc}"
 
     model.set_attn_implementation(NAME)
     ok, err = attempt()
-    if not ok and use_kernel(device):   # the Triton kernel at fault? decode rows can gather instead
+    if not ok and use_kernel(device):  # the Triton kernel at fault? decode rows can gather instead
         log.warning("paged self-test failed with the Triton decode kernel (%s); trying without it", err)
         _TRITON[:] = [None]
         ok, err = attempt()
@@ -349,6 +392,7 @@ def _self_test(model, cache_kw: str, device) -> tuple[bool, str]:
     pool = KVPool(PoolShape.of(model), num_blocks=6, block_size=4, device=device)
     ta, tb = [1, 2], [3, 4]
     with torch.inference_mode():
+
         def plain(ids):
             return model(input_ids=torch.tensor([ids], device=device), logits_to_keep=1).logits[0, -1].float()
 

@@ -1,4 +1,5 @@
 """Chat template rendering: messages (plain dicts) -> prompt token ids."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ class PromptTooLong(PromptError):
 # Unicode composition (NFC / NFKC) turns at most 4 characters into one (a character's canonical
 # decomposition is at most 4 long; Hangul L+V+T is 3), so a token can stand for 4x its own length.
 _COMPOSE_FACTOR = 4
-_NORMALIZERS = {"Prepend": 1, "Lowercase": 1, "ByteLevel": 1, "NFD": 1, "NFKD": 1,
-                "NFC": _COMPOSE_FACTOR, "NFKC": _COMPOSE_FACTOR}
+_NORMALIZERS = {
+    "Prepend": 1,
+    "Lowercase": 1,
+    "ByteLevel": 1,
+    "NFD": 1,
+    "NFKD": 1,
+    "NFC": _COMPOSE_FACTOR,
+    "NFKC": _COMPOSE_FACTOR,
+}
 _PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split"}
 
 
@@ -43,7 +51,7 @@ def _normalizer_factor(spec: dict | None) -> int | None:
         return factor
     if kind == "Replace":
         pattern, content = (spec.get("pattern") or {}).get("String"), spec.get("content") or ""
-        if not isinstance(pattern, str) or not content:     # a regex, or a deletion
+        if not isinstance(pattern, str) or not content:  # a regex, or a deletion
             return None
         return -(-len(pattern) // len(content))
     return _NORMALIZERS.get(kind)
@@ -74,7 +82,7 @@ def chars_per_token_bound(tokenizer) -> int | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    try:      # the components' own JSON: the whole tokenizer's would serialise the vocabulary too
+    try:  # the components' own JSON: the whole tokenizer's would serialise the vocabulary too
         norm, pre = backend.normalizer, backend.pre_tokenizer
         normalizer = json.loads(norm.__getstate__()) if norm is not None else None
         pre_tokenizer = json.loads(pre.__getstate__()) if pre is not None else None
@@ -84,8 +92,8 @@ def chars_per_token_bound(tokenizer) -> int | None:
     if factor is None or not _pre_tokenizer_keeps_text(pre_tokenizer):
         return None
     model = backend.model
-    if type(model).__name__ != "BPE":    # WordPiece: a whole unknown word is one [UNK]; Unigram
-        return None                      # fuses unknown characters into one <unk>
+    if type(model).__name__ != "BPE":  # WordPiece: a whole unknown word is one [UNK]; Unigram
+        return None  # fuses unknown characters into one <unk>
     fused_unk = getattr(model, "fuse_unk", True) and not getattr(model, "byte_fallback", False)
     if model.unk_token is not None and fused_unk:
         return None
@@ -123,7 +131,7 @@ def call_as_text(call: dict, family: str) -> str:
 class PromptRenderer:
     def __init__(self, tokenizer, processor=None):
         self.tokenizer = tokenizer
-        self.processor = processor   # vision-language models: its template places the image tokens
+        self.processor = processor  # vision-language models: its template places the image tokens
         self.template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
         self.family = detect_family(tokenizer)
         self.template_tools = template_supports_tools(tokenizer)
@@ -150,11 +158,16 @@ class PromptRenderer:
         for m in messages:
             m = dict(m)
             content = m.get("content")
-            if self.processor is not None and isinstance(content, list) and any(
-                    p.get("type") == "image_url" for p in content):
+            if (
+                self.processor is not None
+                and isinstance(content, list)
+                and any(p.get("type") == "image_url" for p in content)
+            ):
                 # the processor's template writes each image's placeholder where its part stands
-                m["content"] = [{"type": "image"} if p.get("type") == "image_url"
-                                else {"type": "text", "text": p.get("text", "")} for p in content]
+                m["content"] = [
+                    {"type": "image"} if p.get("type") == "image_url" else {"type": "text", "text": p.get("text", "")}
+                    for p in content
+                ]
             else:
                 m["content"] = _text_of(content)
             if m.get("tool_calls") and not self.template_tools:
@@ -201,21 +214,37 @@ class PromptRenderer:
                 messages = [{"role": "system", "content": text}] + messages
         return messages, kwargs
 
-    def render_text(self, messages: list[dict], *, tools: list[dict] | None = None,
-                    tool_prompt: str | None = None, add_generation_prompt: bool = True) -> str:
+    def render_text(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        tool_prompt: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> str:
         if not self.has_template:
-            raise PromptError("this model has no chat template, so chat messages cannot be rendered; "
-                              "serve a chat/instruct model or one whose tokenizer defines chat_template")
+            raise PromptError(
+                "this model has no chat template, so chat messages cannot be rendered; "
+                "serve a chat/instruct model or one whose tokenizer defines chat_template"
+            )
         messages, kwargs = self.with_tools(messages, tools, tool_prompt)
         owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         try:
-            return owner.apply_chat_template(self.normalize(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt, **kwargs)
+            return owner.apply_chat_template(
+                self.normalize(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
         except Exception as exc:  # jinja raise_exception() in templates, e.g. role alternation rules
             raise PromptError(f"the model's chat template rejected the messages: {exc}") from exc
 
-    def render(self, messages: list[dict], *, tools: list[dict] | None = None, tool_prompt: str | None = None,
-               add_generation_prompt: bool = True, context_length: int | None = None) -> list[int]:
+    def render(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        tool_prompt: str | None = None,
+        add_generation_prompt: bool = True,
+        context_length: int | None = None,
+    ) -> list[int]:
         """Prompt token ids. With context_length, a prompt too long to fit in it is refused
         (PromptTooLong) before tokenizing: rendering megabytes takes milliseconds, tokenizing
         them seconds. The rendered text is measured, not the messages, so the template's own text
@@ -224,8 +253,15 @@ class PromptRenderer:
         # The template already wrote any BOS it wants; don't let the tokenizer add another.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def render_multimodal(self, messages: list[dict], images: list, *, tools: list[dict] | None = None,
-                          tool_prompt: str | None = None, context_length: int | None = None) -> tuple[list[int], dict]:
+    def render_multimodal(
+        self,
+        messages: list[dict],
+        images: list,
+        *,
+        tools: list[dict] | None = None,
+        tool_prompt: str | None = None,
+        context_length: int | None = None,
+    ) -> tuple[list[int], dict]:
         """Prompt token ids with each image's placeholder expanded by the processor, and the
         processor's image tensors (pixel values, sizes, grids: whatever the model's vision encoder
         takes). ``images`` are PIL images in the order their parts appear in the messages."""
@@ -235,24 +271,29 @@ class PromptRenderer:
         try:
             # the template wrote any BOS it wants (as for text prompts)
             enc = self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False)
-        except Exception as exc:   # e.g. an image the image processor cannot resize
+        except Exception as exc:  # e.g. an image the image processor cannot resize
             raise PromptError(f"the model's processor could not prepare the images: {exc}") from exc
         ids = enc["input_ids"][0].tolist()
-        encoder_inputs = {k: v for k, v in enc.items()
-                          if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")}
+        encoder_inputs = {
+            k: v
+            for k, v in enc.items()
+            if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+        }
         return ids, encoder_inputs
 
     def _checked_text(self, messages, tools, tool_prompt, add_generation_prompt, context_length) -> str:
-        text = self.render_text(messages, tools=tools, tool_prompt=tool_prompt,
-                                add_generation_prompt=add_generation_prompt)
+        text = self.render_text(
+            messages, tools=tools, tool_prompt=tool_prompt, add_generation_prompt=add_generation_prompt
+        )
         limit = self.max_prompt_chars(context_length) if context_length is not None else None
         if limit is not None and len(text) > limit:
             raise PromptTooLong(
                 f"the prompt is {len(text)} characters, but this model's context length is {context_length} "
                 f"tokens and none of its tokens covers more than {self.max_chars_per_token} characters, "
-                f"so at most {limit} characters can fit")
+                f"so at most {limit} characters can fit"
+            )
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError as exc:   # e.g. a lone surrogate from a "\\ud800" JSON escape
+        except UnicodeEncodeError as exc:  # e.g. a lone surrogate from a "\\ud800" JSON escape
             raise PromptError(f"message text is not valid Unicode: {exc.reason} at position {exc.start}") from None
         return text

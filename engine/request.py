@@ -2,6 +2,7 @@
 
 The server builds these from the wire format; the engine never sees pydantic models.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,8 @@ GREEDY_TEMPERATURE = 1e-5
 
 @dataclass
 class SamplingParams:
-    max_tokens: int | None = None          # None: whatever fits in the context
-    temperature: float = 1.0               # below GREEDY_TEMPERATURE (0 included) -> greedy
+    max_tokens: int | None = None  # None: whatever fits in the context
+    temperature: float = 1.0  # below GREEDY_TEMPERATURE (0 included) -> greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
@@ -25,11 +26,11 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: int = 0
-    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit
-    min_tokens: int = 0                    # EOS is masked until this many tokens (benchmarks)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS is masked until this many tokens (benchmarks)
     ignore_eos: bool = False
-    prompt_logprobs: int | None = None     # None: off; N: each prompt token's logprob (+ N alternatives)
-    eos_logprob: bool = False              # logprobs list the EOS that ends the text too (/v1/completions)
+    prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob (+ N alternatives)
+    eos_logprob: bool = False  # logprobs list the EOS that ends the text too (/v1/completions)
 
     @property
     def greedy(self) -> bool:
@@ -37,7 +38,7 @@ class SamplingParams:
         and such a row needs no random generator."""
         return self.temperature < GREEDY_TEMPERATURE
 
-    def replace(self, **kw) -> "SamplingParams":
+    def replace(self, **kw) -> SamplingParams:
         return dataclasses.replace(self, **kw)
 
 
@@ -53,6 +54,7 @@ class ConstraintSpec:
     tool_choice: "auto" | "required" | a tool name (tools).
     parallel_tool_calls: allow more than one call (tools).
     """
+
     kind: str
     schema: dict | None = None
     tools: list[dict] | None = None
@@ -64,8 +66,9 @@ class ConstraintSpec:
 class MultimodalInputs:
     """A prompt's images as the model's vision encoder takes them (Engine.prepare_prompt makes it;
     the server passes it on unopened)."""
-    encoder_inputs: dict[str, Any]         # the processor's tensors: pixel_values, image sizes/grids
-    digest: str                            # hash of the images' bytes: prompts with other images share no KV
+
+    encoder_inputs: dict[str, Any]  # the processor's tensors: pixel_values, image sizes/grids
+    digest: str  # hash of the images' bytes: prompts with other images share no KV
     num_images: int
 
 
@@ -74,7 +77,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    constraint: Any = None                 # a compiled constraint (engine.constraints), or None
+    constraint: Any = None  # a compiled constraint (engine.constraints), or None
     multimodal: MultimodalInputs | None = None
 
 
@@ -83,7 +86,7 @@ class TokenLogprob:
     token: str
     logprob: float
     bytes: list[int] | None
-    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+    top_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -95,13 +98,14 @@ class TokenEvent:
     logprobs: one entry per token whose text is released with this event.
     finish_reason: None while running; "stop" | "length" | "abort" | "error" at the end.
     """
+
     text: str
     token_ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0          # prompt tokens reused from the prefix cache
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     error: str | None = None
     # with SamplingParams.prompt_logprobs, on a request's first event: one entry per prompt token
     # (None for the first, which nothing predicts)

@@ -8,6 +8,7 @@ distribution, because one row's NaN makes torch.multinomial raise and fails the 
 Near-zero temperatures are greedy (SamplingParams.greedy), the top token always survives top_p,
 and the maths runs in float32 whatever dtype the model's logits come in.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,8 +29,7 @@ class RowState:
 
     __slots__ = ("params", "generator", "counts", "constraint", "eos_ids", "num_generated", "bias")
 
-    def __init__(self, params: SamplingParams, device: str, vocab_size: int, eos_ids: list[int],
-                 constraint=None):
+    def __init__(self, params: SamplingParams, device: str, vocab_size: int, eos_ids: list[int], constraint=None):
         self.params = params
         self.generator = None if params.greedy else make_generator(params.seed, device)
         penalized = params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
@@ -39,8 +39,10 @@ class RowState:
         self.bias = None
         if params.logit_bias:
             ids = [i for i in params.logit_bias if 0 <= i < vocab_size]
-            self.bias = (torch.tensor(ids, dtype=torch.long, device=device),
-                         torch.tensor([params.logit_bias[i] for i in ids], dtype=torch.float32, device=device))
+            self.bias = (
+                torch.tensor(ids, dtype=torch.long, device=device),
+                torch.tensor([params.logit_bias[i] for i in ids], dtype=torch.float32, device=device),
+            )
         self.num_generated = 0
 
     @property
@@ -82,8 +84,9 @@ def _eos_index(eos_ids: list[int], device) -> torch.Tensor:
     return _EOS_INDEX[key]
 
 
-def sample_batch(logits: torch.Tensor, rows: list[RowState],
-                 errors: dict[int, Exception] | None = None) -> tuple[list[int | None], torch.Tensor | None]:
+def sample_batch(
+    logits: torch.Tensor, rows: list[RowState], errors: dict[int, Exception] | None = None
+) -> tuple[list[int | None], torch.Tensor | None]:
     """Pick one token per row. logits: [B, V], float32 (modified in place) or a half type (copied
     to float32 first: penalties, masks and softmax in float16 overflow or lose the top token).
 
@@ -104,10 +107,11 @@ def sample_batch(logits: torch.Tensor, rows: list[RowState],
     raw_lp = torch.log_softmax(logits, dim=-1) if want_lp else None
     failed: dict[int, Exception] = errors if errors is not None else {}
     barred = [i for i, r in enumerate(rows) if r.masks_eos and r.eos_ids]
-    if barred:   # one indexed write for every row that may not end yet
+    if barred:  # one indexed write for every row that may not end yet
         dev = logits.device
-        logits[torch.tensor(barred, device=dev)[:, None], _eos_index(rows[barred[0]].eos_ids, dev)[None, :]] = \
-            float("-inf")
+        logits[torch.tensor(barred, device=dev)[:, None], _eos_index(rows[barred[0]].eos_ids, dev)[None, :]] = float(
+            "-inf"
+        )
     for i, r in enumerate(rows):
         if r.needs_row_processing:
             try:
@@ -116,7 +120,7 @@ def sample_batch(logits: torch.Tensor, rows: list[RowState],
                 if errors is None:
                     raise
                 failed[i] = exc
-                logits[i] = 0.0   # keeps the batched maths below finite
+                logits[i] = 0.0  # keeps the batched maths below finite
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, r in enumerate(rows) if r.generator is not None and i not in failed]
     if sampled:

@@ -1,4 +1,5 @@
 """Sequences and the waiting / running queues, admission, preemption and cancellation."""
+
 from __future__ import annotations
 
 import itertools
@@ -23,35 +24,35 @@ _ids = itertools.count()
 @dataclass(eq=False)
 class Sequence:
     request: GenerationRequest
-    sink: object                              # (event loop, asyncio.Queue) its events go to
+    sink: object  # (event loop, asyncio.Queue) its events go to
     max_tokens: int
     arrival: float = field(default_factory=time.monotonic)
     seq_id: int = field(default_factory=lambda: next(_ids))
-    token_ids: list[int] = field(default_factory=list)   # prompt + output so far
+    token_ids: list[int] = field(default_factory=list)  # prompt + output so far
     # KV: block ids in the pool (engine/block_manager.py), or the fallback path's own cache
     block_table: list[int] = field(default_factory=list)
-    prefill_cache: object = None              # fallback path: own DynamicCache while prefilling
-    started: bool = False                     # holds KV (blocks or a prefill cache)
-    num_prefilled: int = 0                    # tokens of token_ids whose KV is computed (while prefilling)
-    num_registered: int = 0                   # full blocks offered to the prefix cache
-    prev_hash: int | None = None              # hash of the last of them
-    cached_tokens: int = 0                    # prompt tokens taken from the prefix cache
+    prefill_cache: object = None  # fallback path: own DynamicCache while prefilling
+    started: bool = False  # holds KV (blocks or a prefill cache)
+    num_prefilled: int = 0  # tokens of token_ids whose KV is computed (while prefilling)
+    num_registered: int = 0  # full blocks offered to the prefix cache
+    prev_hash: int | None = None  # hash of the last of them
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     preemptions: int = 0
     # images: their embeddings (vision encoder output, one row per image token) and where those tokens are
     image_embeds: object = None
     image_positions: list[int] = field(default_factory=list)
-    mm_key: tuple | None = None               # (first image token, images' digest): the prefix-cache key
-    mrope_prompt: object = None               # M-RoPE models: the prompt's [3, L] positions (with images)
-    mrope_delta: int = 0                      # and how far later positions are shifted
-    prompt_lps: list | None = None            # prompt logprobs computed so far (when asked for)
+    mm_key: tuple | None = None  # (first image token, images' digest): the prefix-cache key
+    mrope_prompt: object = None  # M-RoPE models: the prompt's [3, L] positions (with images)
+    mrope_delta: int = 0  # and how far later positions are shifted
+    prompt_lps: list | None = None  # prompt logprobs computed so far (when asked for)
     prompt_lps_sent: bool = False
-    started_at: float | None = None           # when it first got KV (its queue time ends)
-    start_order: int = 0                      # when it last got KV: the newest is preempted first
+    started_at: float | None = None  # when it first got KV (its queue time ends)
+    start_order: int = 0  # when it last got KV: the newest is preempted first
     # decode
     output_ids: list[int] = field(default_factory=list)
-    row: object = None                        # sampling.RowState
-    detok: object = None                      # detokenize.IncrementalDetokenizer
-    stopper: object = None                    # detokenize.StopStringMatcher
+    row: object = None  # sampling.RowState
+    detok: object = None  # detokenize.IncrementalDetokenizer
+    stopper: object = None  # detokenize.StopStringMatcher
     pending_logprobs: list = field(default_factory=list)
     aborted: bool = False
     finished: bool = False
@@ -88,7 +89,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.max_newcomers = max_newcomers
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []        # in batch row order
+        self.running: list[Sequence] = []  # in batch row order
 
     def admit(self, seq: Sequence) -> None:
         # Called on the engine thread's inbox drain; Engine._submit already applied the cap.
@@ -141,7 +142,7 @@ class Scheduler:
             work.append((seq, n))
             budget -= n
             if n < remaining:
-                break   # a partially prefilled prompt continues next step
+                break  # a partially prefilled prompt continues next step
             slots -= 1
             newcomers -= 1
         return work

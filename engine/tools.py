@@ -24,6 +24,7 @@ Adding a family is one :class:`ToolFormat` entry in :data:`FAMILIES` (plus a mar
 Reading calls back out of generated text is the server's job (``server/tool_parser.py`` reads
 the text side of these formats); the engine only writes the prompt and the constraint.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,13 @@ import re
 from dataclasses import dataclass, field
 
 __all__ = [
-    "ToolFormat", "FAMILIES", "get_format", "detect_family", "template_supports_tools",
-    "normalize_tools", "default_tool_prompt",
+    "ToolFormat",
+    "FAMILIES",
+    "get_format",
+    "detect_family",
+    "template_supports_tools",
+    "normalize_tools",
+    "default_tool_prompt",
 ]
 
 
@@ -61,6 +67,7 @@ class ToolFormat:
 
     Prompt side: instructions (overridable) and format_hint (always appended).
     """
+
     family: str
     args_key: str
     open_tags: tuple[str, ...]
@@ -76,7 +83,7 @@ class ToolFormat:
     triggers_at_start_only: bool
     instructions: str
     format_hint: str
-    tag_tokens: tuple[str, ...] = field(default=())   # single tokens the call syntax uses
+    tag_tokens: tuple[str, ...] = field(default=())  # single tokens the call syntax uses
 
 
 _HERMES_INSTRUCTIONS = (
@@ -147,17 +154,15 @@ def get_format(family: str) -> ToolFormat:
     try:
         return FAMILIES[family]
     except KeyError:
-        raise ValueError(f"unknown tool-call family {family!r} "
-                         f"(known: {', '.join(sorted(FAMILIES))})") from None
+        raise ValueError(f"unknown tool-call family {family!r} (known: {', '.join(sorted(FAMILIES))})") from None
 
 
 def _template_text(tokenizer) -> str:
     tpl = getattr(tokenizer, "chat_template", None)
-    if isinstance(tpl, dict):           # named templates
+    if isinstance(tpl, dict):  # named templates
         return "\n".join(str(v) for v in tpl.values())
     if isinstance(tpl, (list, tuple)):  # [{"name":..., "template":...}]
-        return "\n".join(str(t.get("template", "")) if isinstance(t, dict) else str(t)
-                         for t in tpl)
+        return "\n".join(str(t.get("template", "")) if isinstance(t, dict) else str(t) for t in tpl)
     return tpl or ""
 
 

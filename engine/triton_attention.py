@@ -10,23 +10,47 @@ context length, and an eager step and a graph replay of the same batch size do t
 Used by engine/paged.py for the decode rows of every step on CUDA; the CPU path keeps its gather +
 SDPA (tests/test_triton_attention.py runs this kernel in Triton's interpreter against it).
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64          # keys per inner iteration
+BLOCK_N = 64  # keys per inner iteration
 MAX_SPLITS = 16
 
 
 @triton.jit
-def _partial(Q, K, V, Tables, Lens, Out, Lse,
-             stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
-             stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-             scale, window,
-             GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+def _partial(
+    Q,
+    K,
+    V,
+    Tables,
+    Lens,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_tb,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    scale,
+    window,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    D: tl.constexpr,
+    D_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -40,10 +64,11 @@ def _partial(Q, K, V, Tables, Lens, Out, Lse,
     heads = kvh * GROUP + g
     gmask = g < GROUP
     dmask = d < D
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0
+    )
     m = tl.full([GROUP_P], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_P], tl.float32)
+    den = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, D_P], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
@@ -67,19 +92,36 @@ def _partial(Q, K, V, Tables, Lens, Out, Lse,
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
-        l = l * alpha + tl.sum(p, 1)
+        den = den * alpha + tl.sum(p, 1)
         m = m_new
-    nonempty = l > 0
-    out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
-    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :], out,
-             mask=gmask[:, None] & dmask[None, :])
+    nonempty = den > 0
+    out = acc / tl.where(nonempty, den, 1.0)[:, None]
+    lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, den, 1.0)), float("-inf"))
+    tl.store(
+        Out + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + d[None, :],
+        out,
+        mask=gmask[:, None] & dmask[None, :],
+    )
     tl.store(Lse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
 
 
 @triton.jit
-def _merge(Out, Lse, Final, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_fb, stride_fh,
-           SPLITS: tl.constexpr, SPLITS_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr):
+def _merge(
+    Out,
+    Lse,
+    Final,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    stride_lb,
+    stride_lh,
+    stride_fb,
+    stride_fh,
+    SPLITS: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+    D: tl.constexpr,
+    D_P: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_P)
@@ -88,8 +130,11 @@ def _merge(Out, Lse, Final, stride_ob, stride_oh, stride_os, stride_lb, stride_l
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + s, mask=smask, other=float("-inf"))
     w = tl.exp(lse - tl.max(lse, 0))
     w = w / tl.sum(w, 0)
-    part = tl.load(Out + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
-                   mask=smask[:, None] & (d < D)[None, :], other=0.0)
+    part = tl.load(
+        Out + b * stride_ob + h * stride_oh + s[:, None] * stride_os + d[None, :],
+        mask=smask[:, None] & (d < D)[None, :],
+        other=0.0,
+    )
     res = tl.sum(part * w[:, None], 0)
     tl.store(Final + b * stride_fb + h * stride_fh + d, res.to(Final.dtype.element_ty), mask=d < D)
 
@@ -110,9 +155,17 @@ def splits_for(rows: int, kv_heads: int, device) -> int:
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
 
 
-def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor, block_size: int, scale: float, window: int | None = None,
-                 splits: int | None = None) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
     """Attention of one query token per row over its context in the pool.
 
     q: [B, Hq, D] (the last dim contiguous); k_pool, v_pool: [slots, Hkv, D]; tables: [B, W] block
@@ -129,15 +182,51 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
     lse = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     d_p = triton.next_power_of_2(D)
     _partial[(B, Hkv, splits)](
-        q, k_pool, v_pool, tables, lens, part, lse,
-        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), tables.stride(0),
-        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        float(scale), int(window or 0),
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), D=D, D_P=max(16, d_p),
-        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, SPLITS=splits, IEEE=q.dtype == torch.float32,
-        num_warps=4)
+        q,
+        k_pool,
+        v_pool,
+        tables,
+        lens,
+        part,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        tables.stride(0),
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        float(scale),
+        int(window or 0),
+        GROUP=group,
+        GROUP_P=max(16, triton.next_power_of_2(group)),
+        D=D,
+        D_P=max(16, d_p),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=BLOCK_N,
+        SPLITS=splits,
+        IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _merge[(B, Hq)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-                    out.stride(0), out.stride(1), SPLITS=splits, SPLITS_P=max(2, triton.next_power_of_2(splits)),
-                    D=D, D_P=d_p, num_warps=4)
+    _merge[(B, Hq)](
+        part,
+        lse,
+        out,
+        part.stride(0),
+        part.stride(1),
+        part.stride(2),
+        lse.stride(0),
+        lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        SPLITS=splits,
+        SPLITS_P=max(2, triton.next_power_of_2(splits)),
+        D=D,
+        D_P=d_p,
+        num_warps=4,
+    )
     return out

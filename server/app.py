@@ -1,4 +1,5 @@
 """FastAPI app factory: routes, auth, SSE framing. No tensors here: the engine does the maths."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,15 +24,31 @@ from . import __version__, openapi
 from .errors import APIError, bad_request
 from .logs import HEADER as REQUEST_ID_HEADER
 from .logs import RequestLogMiddleware, note, request_info
-from .protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs,
-                       ChunkChoice, Delta, FunctionOut, Health, ModelCard, ModelHealth, ModelList, TokenLogprobOut,
-                       ToolCallOut, TopLogprob, Usage, PromptTokensDetails)
-from .toolcalls import ToolCallFramer, new_call_id, parse_tool_calls
 from .media import MediaLimits, load_images
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, MetricsMiddleware
 from .playground import mount_playground
+from .protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    FunctionOut,
+    Health,
+    ModelCard,
+    ModelHealth,
+    ModelList,
+    PromptTokensDetails,
+    TokenLogprobOut,
+    ToolCallOut,
+    TopLogprob,
+    Usage,
+)
 from .routing import ANY_MODEL, ModelRouter, ServedModel, serving_entries  # noqa: F401 (ANY_MODEL: re-exported)
+from .toolcalls import ToolCallFramer, new_call_id, parse_tool_calls
 from .validation import ValidatedRequest, parse_body, render_and_fit, validate
 
 log = logging.getLogger("chatserve.server")
@@ -47,15 +64,24 @@ def _new_id() -> str:
 
 
 def _logprobs_out(entries) -> list[TokenLogprobOut]:
-    return [TokenLogprobOut(token=e.token, logprob=e.logprob, bytes=e.bytes,
-                            top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes)
-                                          for t in e.top_logprobs]) for e in entries]
+    return [
+        TokenLogprobOut(
+            token=e.token,
+            logprob=e.logprob,
+            bytes=e.bytes,
+            top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in e.top_logprobs],
+        )
+        for e in entries
+    ]
 
 
 def _usage(event) -> Usage:
-    return Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-                 total_tokens=event.prompt_tokens + event.completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=event.cached_tokens))
+    return Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=event.cached_tokens),
+    )
 
 
 def _sse(obj) -> str:
@@ -82,6 +108,7 @@ async def _until_disconnect(request: Request, coro):
     After the body is read, the next ASGI message is http.disconnect, so waiting on receive()
     sees a hang-up at once, while the request is still queued or generating.
     """
+
     async def watch():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -115,8 +142,9 @@ class APIKeyMiddleware:
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                response = self.on_error(APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                                  code="invalid_api_key"))
+                response = self.on_error(
+                    APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -130,11 +158,20 @@ def _constraint_param(spec) -> str:
     return "tools" if spec.kind == "tools" else "response_format"
 
 
-def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               served_names: set[str] | None = None, compile_timeout: float = 10.0,
-               body_read_timeout: float | None = BODY_READ_TIMEOUT, media: MediaLimits | None = None,
-               playground: bool = True, metrics: Metrics | None = None, protect_metrics: bool = False,
-               allowed_origins: list[str] | None = None) -> FastAPI:
+def create_app(
+    engine,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    served_names: set[str] | None = None,
+    compile_timeout: float = 10.0,
+    body_read_timeout: float | None = BODY_READ_TIMEOUT,
+    media: MediaLimits | None = None,
+    playground: bool = True,
+    metrics: Metrics | None = None,
+    protect_metrics: bool = False,
+    allowed_origins: list[str] | None = None,
+) -> FastAPI:
     """The app serving ``engine``: one Engine (named by its ``model_name``, ``served_names`` its
     aliases), or several models, each with its own engine: a dict ``{name: engine}`` (names of one
     engine are that model's aliases, the first its id) or a list of ``(names, engine)``. Requests
@@ -146,7 +183,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
     router = ModelRouter(serving_entries(engine, served_names))
     app.state.models = router
     metrics = metrics or Metrics({m.name: m.engine for m in router.models})
-    app.state.draining = False   # set on SIGTERM (server/cli.py): new requests get 503, /ready says no
+    app.state.draining = False  # set on SIGTERM (server/cli.py): new requests get 503, /ready says no
 
     def error_response(exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
@@ -162,8 +199,14 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
     @app.exception_handler(405)
     async def _bad_method(request: Request, exc):
         # Starlette's 405 carries the Allow header (RFC 9110 requires it); keep it
-        return error_response(APIError(405, f"method {request.method} not allowed on {request.url.path}",
-                                       code="method_not_allowed", headers=getattr(exc, "headers", None)))
+        return error_response(
+            APIError(
+                405,
+                f"method {request.method} not allowed on {request.url.path}",
+                code="method_not_allowed",
+                headers=getattr(exc, "headers", None),
+            )
+        )
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
@@ -171,8 +214,14 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         # from the request's state, where that one put it
         rid = request_info(request.scope).get("request_id")
         log.exception("unhandled error", extra={"request_id": rid})
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}", code="internal_error",
-                                       headers={REQUEST_ID_HEADER: rid} if rid else None))
+        return error_response(
+            APIError(
+                500,
+                f"internal error: {type(exc).__name__}",
+                code="internal_error",
+                headers={REQUEST_ID_HEADER: rid} if rid else None,
+            )
+        )
 
     # Middlewares, innermost first (each added one wraps the ones before): metrics (per model, so
     # inside the routes' model choice), the API key, CORS (outside the key check, so preflights and
@@ -180,38 +229,62 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
     one_model = router.models[0].name if router.single else ""
     app.add_middleware(MetricsMiddleware, metrics=metrics, model=one_model)
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key, on_error=error_response,
-                           protect=("/v1/", "/metrics") if protect_metrics else ("/v1/",))
+        app.add_middleware(
+            APIKeyMiddleware,
+            api_key=api_key,
+            on_error=error_response,
+            protect=("/v1/", "/metrics") if protect_metrics else ("/v1/",),
+        )
     if allowed_origins:
         # allow_headers "*": browser SDKs send headers of their own (openai's x-stainless-*) beside
         # Authorization and Content-Type; no credentials (cookies): the API key is a header
-        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER, "Retry-After"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER, "Retry-After"],
+            max_age=600,
+        )
     app.add_middleware(RequestLogMiddleware, default_model=one_model or None)
     if playground:
-        mount_playground(app)      # the browser page at / and /playground (server/playground.py)
+        mount_playground(app)  # the browser page at / and /playground (server/playground.py)
 
     def _model_health(m: ServedModel) -> ModelHealth:
         e = m.engine
-        return ModelHealth(status="ok" if e.alive else "unavailable", running=e.num_running,
-                           waiting=e.num_waiting, stats=dict(e.stats))
+        return ModelHealth(
+            status="ok" if e.alive else "unavailable", running=e.num_running, waiting=e.num_waiting, stats=dict(e.stats)
+        )
 
-    @app.get("/health", responses={**openapi.ok(Health, "Every model's engine is running."),
-                                   503: {"model": Health, "description": "An engine is not running (`models` "
-                                                                         "says which)."}})
+    @app.get(
+        "/health",
+        responses={
+            **openapi.ok(Health, "Every model's engine is running."),
+            503: {"model": Health, "description": "An engine is not running (`models` says which)."},
+        },
+    )
     async def health():
         """Liveness: every engine loop runs. Per model under `models`; the top level sums them (and,
         with one model, names it and gives its counters, as before several could be served)."""
         per = {m.name: _model_health(m) for m in router.models}
         ok = all(h.status == "ok" for h in per.values())
-        body = Health(status="ok" if ok else "unavailable", running=sum(h.running for h in per.values()),
-                      waiting=sum(h.waiting for h in per.values()), models=per)
+        body = Health(
+            status="ok" if ok else "unavailable",
+            running=sum(h.running for h in per.values()),
+            waiting=sum(h.waiting for h in per.values()),
+            models=per,
+        )
         if router.single:
             body.model, body.stats = router.models[0].name, per[router.models[0].name].stats
         return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=200 if ok else 503)
 
-    @app.get("/ready", responses={200: {"description": "Every model is loaded and its engine loop runs."},
-                                  503: {"description": "Not ready: an engine down, or draining."}})
+    @app.get(
+        "/ready",
+        responses={
+            200: {"description": "Every model is loaded and its engine loop runs."},
+            503: {"description": "Not ready: an engine down, or draining."},
+        },
+    )
     async def ready():
         """Readiness (load balancers, Kubernetes): every configured model is loaded (the app exists
         only once they are) and its engine loop runs; unlike /health, false while the server drains."""
@@ -219,21 +292,28 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         down = [m.name for m in router.models if not m.engine.alive]
         if not down and not app.state.draining:
             return {"status": "ready", "models": names}
-        return JSONResponse({"status": "draining" if app.state.draining else "unavailable", "models": names,
-                             "unavailable": down}, status_code=503)
+        return JSONResponse(
+            {"status": "draining" if app.state.draining else "unavailable", "models": names, "unavailable": down},
+            status_code=503,
+        )
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/v1/models", responses={**openapi.ok(ModelList, "Every name a served model answers to."),
-                                      **openapi.errors(401)})
+    @app.get(
+        "/v1/models",
+        responses={**openapi.ok(ModelList, "Every name a served model answers to."), **openapi.errors(401)},
+    )
     async def models():
-        return ModelList(data=[ModelCard(id=name, created=m.created)
-                               for m in router.models for name in m.names]).model_dump()
+        return ModelList(
+            data=[ModelCard(id=name, created=m.created) for m in router.models for name in m.names]
+        ).model_dump()
 
-    @app.get("/v1/models/{model_id:path}", responses={**openapi.ok(ModelCard, "The model, by any of its names."),
-                                                      **openapi.errors(401, 404)})
+    @app.get(
+        "/v1/models/{model_id:path}",
+        responses={**openapi.ok(ModelCard, "The model, by any of its names."), **openapi.errors(401, 404)},
+    )
     async def model(model_id: str):
         found = router.lookup(model_id)
         if found is None:
@@ -246,23 +326,29 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         and within body_read_timeout in all (a 408 then, on a connection uvicorn closes)."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body_bytes:
-            raise APIError(413, f"request body is {length} bytes; the limit is {max_body_bytes}",
-                           code="request_too_large")
+            raise APIError(
+                413, f"request body is {length} bytes; the limit is {max_body_bytes}", code="request_too_large"
+            )
 
         async def read() -> bytes:
             raw = bytearray()
             async for chunk in request.stream():
                 raw += chunk
                 if len(raw) > max_body_bytes:
-                    raise APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes",
-                                   code="request_too_large")
+                    raise APIError(
+                        413, f"request body exceeds the limit of {max_body_bytes} bytes", code="request_too_large"
+                    )
             return bytes(raw)
 
         try:
-            return await asyncio.wait_for(read(), body_read_timeout or None)   # None or 0: no limit
+            return await asyncio.wait_for(read(), body_read_timeout or None)  # None or 0: no limit
         except asyncio.TimeoutError:
-            raise APIError(408, f"the request body did not arrive within {body_read_timeout:g} s",
-                           code="request_timeout", headers={"Connection": "close"}) from None
+            raise APIError(
+                408,
+                f"the request body did not arrive within {body_read_timeout:g} s",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            ) from None
 
     def _check_target(request: Request, model_name: str | None) -> tuple[ServedModel, str]:
         """The model the request names (server/routing.py), whose engine runs, and the name its
@@ -270,17 +356,29 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         served, reply_name = router.resolve(model_name)
         note(request, model=served.name)
         if not served.engine.alive:
-            raise APIError(503, "the engine is not running" if router.single else
-                           f"the engine of {served.name!r} is not running", code="engine_unavailable")
+            raise APIError(
+                503,
+                "the engine is not running" if router.single else f"the engine of {served.name!r} is not running",
+                code="engine_unavailable",
+            )
         if app.state.draining:
-            raise APIError(503, "the server is shutting down; retry on another replica", code="shutting_down",
-                           retry_after=1)
+            raise APIError(
+                503, "the server is shutting down; retry on another replica", code="shutting_down", retry_after=1
+            )
         return served, reply_name
 
-    @app.post("/v1/chat/completions", openapi_extra=openapi.CHAT_REQUEST_BODY, responses={
-        200: {"model": ChatCompletion, "content": openapi.CHAT_STREAM,
-              "description": "The completion: one JSON object, or with `stream: true` a stream of chunks."},
-        **openapi.errors(400, 401, 404, 408, 413, 429, 500, 503)})
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=openapi.CHAT_REQUEST_BODY,
+        responses={
+            200: {
+                "model": ChatCompletion,
+                "content": openapi.CHAT_STREAM,
+                "description": "The completion: one JSON object, or with `stream: true` a stream of chunks.",
+            },
+            **openapi.errors(400, 401, 404, 408, 413, 429, 500, 503),
+        },
+    )
     async def chat_completions(request: Request):
         arrival = time.perf_counter()
         wire = parse_body(await _read_body(request))
@@ -288,15 +386,24 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         engine = served.engine
         timer = metrics.timer(served.name)
         timer.arrival = arrival
-        v = validate(wire, vocab_size=engine.vocab_size, accepts_images=getattr(engine, "accepts_images", False),
-                     max_images=media_limits.max_images)
+        v = validate(
+            wire,
+            vocab_size=engine.vocab_size,
+            accepts_images=getattr(engine, "accepts_images", False),
+            max_images=media_limits.max_images,
+        )
         v.images = await load_images(v.messages, media_limits)
         # off the event loop: tokenizing a long prompt (and the processor's image work) would stall
         # every other request meanwhile
         await asyncio.to_thread(render_and_fit, v, engine)
         constraint = await _compile(served, v.constraint) if v.constraint is not None else None
-        req = GenerationRequest(request_id=_new_id(), prompt_ids=v.prompt_ids, params=v.params,
-                                constraint=constraint, multimodal=v.multimodal)
+        req = GenerationRequest(
+            request_id=_new_id(),
+            prompt_ids=v.prompt_ids,
+            params=v.params,
+            constraint=constraint,
+            multimodal=v.multimodal,
+        )
         try:
             stream = engine.generate(req)
             first = await _until_disconnect(request, _first_event(stream, engine))
@@ -307,14 +414,17 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
             log.info("%s client disconnected while queued; dropped", req.request_id)
             return Response(status_code=499)
         timer.first()
-        meta = dict(id=req.request_id, created=int(time.time()), model=reply_name,
-                    system_fingerprint=served.fingerprint)
+        meta = dict(
+            id=req.request_id, created=int(time.time()), model=reply_name, system_fingerprint=served.fingerprint
+        )
         note(request, id=req.request_id, stream=v.stream)
-        t0 = timer   # times the request from its arrival; records its metrics when done
+        t0 = timer  # times the request from its arrival; records its metrics when done
         if v.stream:
-            return StreamingResponse(_stream(request, engine, v, stream, first, meta, t0),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(request, engine, v, stream, first, meta, t0),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _complete(request, engine, v, stream, first, meta, t0)
 
     async def _compile(served: ServedModel, spec):
@@ -323,11 +433,11 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         try:
             compiled = await asyncio.to_thread(served.engine.compile_constraint, spec, compile_timeout)
         except ConstraintTooComplex as exc:
-            if getattr(exc, "retry_after", None):       # ConstraintBusy: no compile worker came free
-                raise APIError(429, str(exc), param=_constraint_param(spec), code="compiler_busy",
-                               retry_after=exc.retry_after) from None
-            raise bad_request(str(exc), param=_constraint_param(spec),
-                              code="schema_too_complex") from None
+            if getattr(exc, "retry_after", None):  # ConstraintBusy: no compile worker came free
+                raise APIError(
+                    429, str(exc), param=_constraint_param(spec), code="compiler_busy", retry_after=exc.retry_after
+                ) from None
+            raise bad_request(str(exc), param=_constraint_param(spec), code="schema_too_complex") from None
         except ConstraintError as exc:
             raise bad_request(str(exc), param=_constraint_param(spec), code="invalid_schema") from None
         finally:
@@ -347,16 +457,25 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         if first.finish_reason == "error":
             await stream.aclose()
             if first.error == "queue_timeout":
-                raise APIError(503, "the request waited too long in the queue; retry later",
-                               code="queue_timeout", retry_after=_queue_retry_after(engine))
+                raise APIError(
+                    503,
+                    "the request waited too long in the queue; retry later",
+                    code="queue_timeout",
+                    retry_after=_queue_retry_after(engine),
+                )
             raise APIError(500, first.error or "generation failed", code="engine_error")
         return first
 
     def _done(request: Request, last, timer):
         """Record the finished request's metrics and its access line's token counts."""
         timer.finish(last)
-        note(request, prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-             cached_tokens=last.cached_tokens, finish=last.finish_reason)
+        note(
+            request,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            cached_tokens=last.cached_tokens,
+            finish=last.finish_reason,
+        )
 
     async def _complete(request: Request, engine, v: ValidatedRequest, stream, first, meta, t0):
         try:
@@ -376,28 +495,36 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
         if _wants_tools(v):
             content, calls = parse_tool_calls(text, engine.tool_family)
             if calls:
-                message = AssistantMessage(content=content, tool_calls=[
-                    ToolCallOut(id=new_call_id(), function=FunctionOut(name=c["name"], arguments=c["arguments"]))
-                    for c in calls])
+                message = AssistantMessage(
+                    content=content,
+                    tool_calls=[
+                        ToolCallOut(id=new_call_id(), function=FunctionOut(name=c["name"], arguments=c["arguments"]))
+                        for c in calls
+                    ],
+                )
                 finish = "tool_calls" if finish == "stop" else finish
         body = ChatCompletion(
             **meta,
-            choices=[Choice(message=message,
-                            logprobs=ChoiceLogprobs(content=_logprobs_out(lps)) if v.params.logprobs else None,
-                            finish_reason=finish)],
-            usage=_usage(last))
+            choices=[
+                Choice(
+                    message=message,
+                    logprobs=ChoiceLogprobs(content=_logprobs_out(lps)) if v.params.logprobs else None,
+                    finish_reason=finish,
+                )
+            ],
+            usage=_usage(last),
+        )
         _done(request, last, t0)
         out = body.model_dump(mode="json")
         if out["choices"][0]["message"]["tool_calls"] is None:
-            del out["choices"][0]["message"]["tool_calls"]   # OpenAI omits it when there are none
+            del out["choices"][0]["message"]["tool_calls"]  # OpenAI omits it when there are none
         return JSONResponse(out)
 
     async def _stream(request: Request, engine, v: ValidatedRequest, stream, first, meta, t0):
         usage_null = {"usage": None} if v.include_usage else {}
 
         def chunk(delta: Delta, finish=None, logprobs=None) -> str:
-            c = ChatCompletionChunk(**meta, choices=[ChunkChoice(delta=delta, logprobs=logprobs,
-                                                                 finish_reason=finish)])
+            c = ChatCompletionChunk(**meta, choices=[ChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)])
             d = c.model_dump(mode="json", exclude={"usage"})
             d["choices"][0]["delta"] = c.choices[0].delta.model_dump(mode="json", exclude_none=True)
             d.update(usage_null)
@@ -414,7 +541,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
 
         last = first
         calls = ToolCallFramer(engine.tool_family) if _wants_tools(v) else None
-        ready = getattr(stream, "ready", list)   # events already delivered: sent in the same write
+        ready = getattr(stream, "ready", list)  # events already delivered: sent in the same write
         backlog: collections.deque = collections.deque()
         try:
             out = [chunk(Delta(role="assistant", content=""))]
@@ -424,7 +551,11 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                 if event.finish_reason == "error":
                     out.append(_sse(APIError(500, event.error or "generation failed", code="engine_error").body()))
                     break
-                lp = ChoiceLogprobs(content=_logprobs_out(event.logprobs)) if v.params.logprobs and event.logprobs else None
+                lp = (
+                    ChoiceLogprobs(content=_logprobs_out(event.logprobs))
+                    if v.params.logprobs and event.logprobs
+                    else None
+                )
                 if calls is None and lp is None:
                     if event.text:
                         out.append(content_chunk(event.text))
@@ -448,7 +579,7 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
                     break
                 if not backlog:
                     backlog.extend(ready())
-                if backlog:   # this client fell behind by a few steps: catch up in one write
+                if backlog:  # this client fell behind by a few steps: catch up in one write
                     event = backlog.popleft()
                     continue
                 yield "".join(out)
@@ -466,6 +597,6 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_
 
     # POST /v1/completions (server/completions.py; imported here, as it uses this module's helpers)
     from .completions import add_completions
-    add_completions(app, read_body=_read_body, check_target=_check_target, first_event=_first_event,
-                    metrics=metrics)
+
+    add_completions(app, read_body=_read_body, check_target=_check_target, first_event=_first_event, metrics=metrics)
     return app

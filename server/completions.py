@@ -12,6 +12,7 @@ Every choice's first event is awaited before the reply starts, as for chat: a fu
 queue timeout (503) of any choice is the whole request's HTTP status, and a stream starts once
 every choice has started.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,15 @@ from . import openapi
 from .app import ClientGone, _sse, _until_disconnect, collect_events
 from .errors import APIError
 from .logs import note
-from .protocol import (Completion, CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest,
-                       PromptTokensDetails, Usage)
+from .protocol import (
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    PromptTokensDetails,
+    Usage,
+)
 from .validation import CompletionPrompt, ValidatedCompletion, parse_body, tokenize_and_fit, validate_completion
 
 log = logging.getLogger("chatserve.server")
@@ -81,8 +89,8 @@ class _Choice:
         self.index = index
         self.prompt = prompt
         self.v = v
-        self.timer = timer          # server/metrics.py: this choice's timings, recorded when it ends
-        self.offsets = _Offsets(len(prompt.text) if v.echo else 0)    # of generated tokens
+        self.timer = timer  # server/metrics.py: this choice's timings, recorded when it ends
+        self.offsets = _Offsets(len(prompt.text) if v.echo else 0)  # of generated tokens
         self.last: TokenEvent | None = None
 
     def echoed(self, prompt_logprobs, engine) -> tuple[str, CompletionLogprobs | None]:
@@ -98,13 +106,15 @@ class _Choice:
         rest = entries[1:]
         if self.prompt.offsets is not None:
             offsets = list(self.prompt.offsets)
-        else:                       # a token-id prompt (its text is the ids decoded) or a slow tokenizer
+        else:  # a token-id prompt (its text is the ids decoded) or a slow tokenizer
             counter = _Offsets()
             offsets = [counter.next(raw) for raw in [bytes(first_bytes)] + [_raw(e) for e in rest]]
-        return text, CompletionLogprobs(tokens=[first_text] + [e.token for e in rest],
-                                        token_logprobs=[None] + [e.logprob for e in rest],
-                                        top_logprobs=[None] + [_top(e) for e in rest],
-                                        text_offset=offsets)
+        return text, CompletionLogprobs(
+            tokens=[first_text] + [e.token for e in rest],
+            token_logprobs=[None] + [e.logprob for e in rest],
+            top_logprobs=[None] + [_top(e) for e in rest],
+            text_offset=offsets,
+        )
 
     def generated(self, event: TokenEvent) -> tuple[str, CompletionLogprobs | None]:
         """One event's text, and (with logprobs) its tokens'."""
@@ -114,20 +124,24 @@ class _Choice:
         if self.v.logprobs is None:
             return event.text, None
         offsets = [self.offsets.next(_raw(e)) for e in event.logprobs]
-        return event.text, CompletionLogprobs(tokens=[e.token for e in event.logprobs],
-                                              token_logprobs=[e.logprob for e in event.logprobs],
-                                              top_logprobs=[_top(e) for e in event.logprobs],
-                                              text_offset=offsets)
+        return event.text, CompletionLogprobs(
+            tokens=[e.token for e in event.logprobs],
+            token_logprobs=[e.logprob for e in event.logprobs],
+            top_logprobs=[_top(e) for e in event.logprobs],
+            text_offset=offsets,
+        )
 
 
 def _join(parts: list[CompletionLogprobs | None]) -> CompletionLogprobs | None:
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
-    return CompletionLogprobs(tokens=[t for p in parts for t in p.tokens],
-                              token_logprobs=[x for p in parts for x in p.token_logprobs],
-                              top_logprobs=[x for p in parts for x in p.top_logprobs],
-                              text_offset=[x for p in parts for x in p.text_offset])
+    return CompletionLogprobs(
+        tokens=[t for p in parts for t in p.tokens],
+        token_logprobs=[x for p in parts for x in p.token_logprobs],
+        top_logprobs=[x for p in parts for x in p.top_logprobs],
+        text_offset=[x for p in parts for x in p.text_offset],
+    )
 
 
 def _usage(v: ValidatedCompletion, choices: list[_Choice]) -> Usage:
@@ -137,9 +151,12 @@ def _usage(v: ValidatedCompletion, choices: list[_Choice]) -> Usage:
     prompt_tokens = sum(len(c.prompt.ids) for c in firsts)
     completion_tokens = sum(c.last.completion_tokens for c in choices if c.last is not None)
     cached = sum(c.last.cached_tokens for c in firsts if c.last is not None)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 async def _start_all(streams, first_event) -> list[TokenEvent]:
@@ -190,17 +207,29 @@ def add_completions(app: FastAPI, *, read_body, check_target, first_event, metri
     (first_event: queue timeouts -> 503) and metrics (each choice is timed as one chat request is;
     requests by status are counted by the middleware)."""
 
-    @app.post("/v1/completions", openapi_extra=openapi.COMPLETION_REQUEST_BODY, responses={
-        200: {"model": Completion, "content": openapi.COMPLETION_STREAM,
-              "description": "The completion: one JSON object, or with `stream: true` a stream of chunks."},
-        **openapi.errors(400, 401, 404, 408, 413, 429, 500, 503)})
+    @app.post(
+        "/v1/completions",
+        openapi_extra=openapi.COMPLETION_REQUEST_BODY,
+        responses={
+            200: {
+                "model": Completion,
+                "content": openapi.COMPLETION_STREAM,
+                "description": "The completion: one JSON object, or with `stream: true` a stream of chunks.",
+            },
+            **openapi.errors(400, 401, 404, 408, 413, 429, 500, 503),
+        },
+    )
     async def completions(request: Request):
         arrival = time.perf_counter()
         wire = parse_body(await read_body(request), CompletionRequest)
         served, reply_name = check_target(request, wire.model)
         engine = served.engine
-        v = validate_completion(wire, vocab_size=engine.vocab_size, scores_prompts=engine.scores_prompts,
-                                max_choices=engine.config.max_running + engine.config.max_waiting)
+        v = validate_completion(
+            wire,
+            vocab_size=engine.vocab_size,
+            scores_prompts=engine.scores_prompts,
+            max_choices=engine.config.max_running + engine.config.max_waiting,
+        )
         # off the event loop: tokenizing long prompts would stall every other request meanwhile
         await asyncio.to_thread(tokenize_and_fit, v, engine)
         cid = _new_id()
@@ -209,15 +238,18 @@ def add_completions(app: FastAPI, *, read_body, check_target, first_event, metri
             for j in range(v.n):
                 params = v.params
                 if params.seed is not None and j:
-                    params = params.replace(seed=(params.seed + j) % 2 ** 63)
+                    params = params.replace(seed=(params.seed + j) % 2**63)
                 if params.prompt_logprobs is not None and j:
-                    params = params.replace(prompt_logprobs=None)   # choice 0's serve them all
+                    params = params.replace(prompt_logprobs=None)  # choice 0's serve them all
                 index = i * v.n + j
                 timer = metrics.timer(served.name)
                 timer.arrival = arrival
                 choices.append(_Choice(index, prompt, v, timer))
-                streams.append(engine.generate(GenerationRequest(request_id=f"{cid}-{index}", prompt_ids=prompt.ids,
-                                                                 params=params)))
+                streams.append(
+                    engine.generate(
+                        GenerationRequest(request_id=f"{cid}-{index}", prompt_ids=prompt.ids, params=params)
+                    )
+                )
         try:
             firsts = await _until_disconnect(request, _start_all(streams, lambda s: first_event(s, engine)))
         except EngineOverloaded as exc:
@@ -240,24 +272,32 @@ def add_completions(app: FastAPI, *, read_body, check_target, first_event, metri
             await _close_all(streams)
             raise
         if v.stream:
-            return StreamingResponse(_stream(request, v, choices, streams, firsts, echoes, meta),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(request, v, choices, streams, firsts, echoes, meta),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _complete(request, v, choices, streams, firsts, echoes, meta)
 
     def _echo(engine, choice: _Choice, firsts: list[TokenEvent], v: ValidatedCompletion):
-        first_of_prompt = firsts[choice.index - choice.index % v.n]    # the choice that scored the prompt
+        first_of_prompt = firsts[choice.index - choice.index % v.n]  # the choice that scored the prompt
         return choice.echoed(first_of_prompt.prompt_logprobs, engine)
 
     def _done(request: Request, v: ValidatedCompletion, choices: list[_Choice]) -> None:
         """The access line's token counts and finish reasons (server/logs.py)."""
         usage = _usage(v, choices)
         finishes = sorted({c.last.finish_reason for c in choices if c.last is not None})
-        note(request, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-             cached_tokens=usage.prompt_tokens_details.cached_tokens, finish=",".join(finishes))
+        note(
+            request,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.prompt_tokens_details.cached_tokens,
+            finish=",".join(finishes),
+        )
 
-    async def _complete(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts,
-                        echoes, meta):
+    async def _complete(
+        request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes, meta
+    ):
         try:
             results = await _until_disconnect(request, asyncio.gather(*map(collect_events, streams, firsts)))
         except ClientGone:
@@ -270,14 +310,18 @@ def add_completions(app: FastAPI, *, read_body, check_target, first_event, metri
             if events[-1].finish_reason == "error":
                 raise APIError(500, events[-1].error or "generation failed", code="engine_error")
             parts = [choice.generated(ev) for ev in events]
-            out.append(CompletionChoice(index=choice.index, text=echo_text + "".join(t for t, _ in parts),
-                                        logprobs=_join([echo_lps] + [lp for _, lp in parts]),
-                                        finish_reason=events[-1].finish_reason))
+            out.append(
+                CompletionChoice(
+                    index=choice.index,
+                    text=echo_text + "".join(t for t, _ in parts),
+                    logprobs=_join([echo_lps] + [lp for _, lp in parts]),
+                    finish_reason=events[-1].finish_reason,
+                )
+            )
         _done(request, v, choices)
         return JSONResponse(Completion(**meta, choices=out, usage=_usage(v, choices)).model_dump(mode="json"))
 
-    async def _stream(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes,
-                      meta):
+    async def _stream(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes, meta):
         usage_null = {"usage": None} if v.include_usage else {}
 
         def chunk(choice: CompletionChoice) -> str:
@@ -298,8 +342,9 @@ def add_completions(app: FastAPI, *, read_body, check_target, first_event, metri
                         break
                     text, lps = choices[i].generated(event)
                     if text or (lps is not None and lps.tokens) or event.finish_reason is not None:
-                        yield chunk(CompletionChoice(index=i, text=text, logprobs=lps,
-                                                     finish_reason=event.finish_reason))
+                        yield chunk(
+                            CompletionChoice(index=i, text=text, logprobs=lps, finish_reason=event.finish_reason)
+                        )
             if v.include_usage and not failed:
                 yield _sse(CompletionChunk(**meta, choices=[], usage=_usage(v, choices)).model_dump(mode="json"))
             _done(request, v, choices)

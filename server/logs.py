@@ -12,6 +12,7 @@ for generations the model, the completion id, stream, token counts and finish re
 route adds with ``note()``. Text: ``POST /v1/chat/completions 200 latency=0.153s request_id=...
 model=... prompt_tokens=9 ...``; JSON (``--log-format json``): the same fields as keys of one object.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -28,7 +29,7 @@ access_log = logging.getLogger("chatserve.access")
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("chatserve_request_id", default=None)
 HEADER = "X-Request-Id"
 _USABLE_ID = re.compile(r"[\x21-\x7e]{1,200}")
-_STATE_KEY = "chatserve"      # this server's entry in the ASGI scope's per-request state
+_STATE_KEY = "chatserve"  # this server's entry in the ASGI scope's per-request state
 
 
 def request_info(scope) -> dict:
@@ -53,8 +54,19 @@ def _incoming_id(scope) -> str:
 
 
 # fields the access line lists after the method, path and status, in this order
-_ORDER = ("latency", "request_id", "model", "id", "stream", "choices", "prompt_tokens", "completion_tokens",
-          "cached_tokens", "finish", "client")
+_ORDER = (
+    "latency",
+    "request_id",
+    "model",
+    "id",
+    "stream",
+    "choices",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "finish",
+    "client",
+)
 
 
 def _text(v) -> str:
@@ -71,7 +83,7 @@ class RequestLogMiddleware:
 
     def __init__(self, app, default_model: str | None = None):
         self.app = app
-        self.default_model = default_model     # with one model: the model of /v1 requests no route resolved
+        self.default_model = default_model  # with one model: the model of /v1 requests no route resolved
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -88,20 +100,32 @@ class RequestLogMiddleware:
             if state["logged"]:
                 return
             state["logged"] = True
-            fields = {"method": scope["method"], "path": scope["path"],
-                      "status": state["status"] if state["status"] is not None else 499,
-                      "latency": round(time.perf_counter() - start, 4)}
+            fields = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": state["status"] if state["status"] is not None else 499,
+                "latency": round(time.perf_counter() - start, 4),
+            }
             if scope.get("client"):
                 fields["client"] = scope["client"][0]
             if "model" not in info and self.default_model and scope["path"].startswith("/v1/"):
                 fields["model"] = self.default_model
             fields.update(info)
-            fields = {k: fields[k] for k in ("method", "path", "status", *_ORDER,
-                                             *sorted(set(fields) - {"method", "path", "status", *_ORDER}))
-                      if k in fields}
+            fields = {
+                k: fields[k]
+                for k in (
+                    "method",
+                    "path",
+                    "status",
+                    *_ORDER,
+                    *sorted(set(fields) - {"method", "path", "status", *_ORDER}),
+                )
+                if k in fields
+            }
             rest = " ".join(f"{k}={_text(fields[k])}" for k in fields if k not in ("method", "path", "status"))
-            access_log.info("%s %s %s %s", fields["method"], fields["path"], fields["status"], rest,
-                            extra={"fields": fields})
+            access_log.info(
+                "%s %s %s %s", fields["method"], fields["path"], fields["status"], rest, extra={"fields": fields}
+            )
 
         async def sending(message):
             if message["type"] == "http.response.start":
@@ -116,10 +140,10 @@ class RequestLogMiddleware:
             await self.app(scope, receive, sending)
         except Exception:
             if state["status"] is None:
-                state["status"] = 500     # Starlette's outermost handler answers it
+                state["status"] = 500  # Starlette's outermost handler answers it
             raise
         finally:
-            write_line()     # a client that left mid-stream (or an error before any response)
+            write_line()  # a client that left mid-stream (or an error before any response)
             REQUEST_ID.reset(token)
 
 
@@ -138,8 +162,12 @@ class JsonFormatter(logging.Formatter):
     their own, and the traceback as `exc_info` (one string: JSON escapes its newlines)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        out = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         rid = getattr(record, "request_id", None) or REQUEST_ID.get()
         if rid:
             out["request_id"] = rid
@@ -162,7 +190,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     Like logging.basicConfig, it changes nothing where logging was configured before."""
     root = logging.getLogger()
     if any(not getattr(h, "chatserve", False) for h in root.handlers):
-        return      # configured already (a test runner, a program running the server): left as it is
+        return  # configured already (a test runner, a program running the server): left as it is
     handler = logging.StreamHandler()
     handler.chatserve = True
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))

@@ -3,10 +3,11 @@
 Every series has a `model` label: with several models served, each has its own series (under the
 model's id, its first served name). Per request (recorded by the routes through ``RequestTimer``):
 requests by model, endpoint and status; end-to-end latency, time to first token, time per output
-token and queue time histograms; prompt, generated and cached-prompt token counters. Per engine (read at scrape time from the
-engine's own counters, so nothing is double-kept): running and waiting requests, KV blocks used
+token and queue time histograms; prompt, generated and cached-prompt token counters. Per engine (read
+at scrape time from the engine's own counters, so nothing is double-kept): running and waiting requests, KV blocks used
 and free, KV usage, preemptions. Plus constraint compile time.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,17 +31,24 @@ class _EngineCollector:
         self.engines = engines
 
     def collect(self):
-        running = GaugeMetricFamily("chatserve_num_requests_running", "Requests decoding or prefilling.",
-                                    labels=["model"])
-        waiting = GaugeMetricFamily("chatserve_num_requests_waiting", "Requests queued for a free row or KV blocks.",
-                                    labels=["model"])
+        running = GaugeMetricFamily(
+            "chatserve_num_requests_running", "Requests decoding or prefilling.", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "chatserve_num_requests_waiting", "Requests queued for a free row or KV blocks.", labels=["model"]
+        )
         used = GaugeMetricFamily("chatserve_kv_cache_blocks_used", "KV pool blocks held by requests.", labels=["model"])
-        free = GaugeMetricFamily("chatserve_kv_cache_blocks_free", "KV pool blocks free (some still hold reusable "
-                                 "prefixes).", labels=["model"])
-        usage = GaugeMetricFamily("chatserve_kv_cache_usage_perc", "Share of the KV pool held by requests (0-1).",
-                                  labels=["model"])
-        preempt = CounterMetricFamily("chatserve_num_preemptions", "Requests preempted because the KV pool was full.",
-                                      labels=["model"])
+        free = GaugeMetricFamily(
+            "chatserve_kv_cache_blocks_free",
+            "KV pool blocks free (some still hold reusable prefixes).",
+            labels=["model"],
+        )
+        usage = GaugeMetricFamily(
+            "chatserve_kv_cache_usage_perc", "Share of the KV pool held by requests (0-1).", labels=["model"]
+        )
+        preempt = CounterMetricFamily(
+            "chatserve_num_preemptions", "Requests preempted because the KV pool was full.", labels=["model"]
+        )
         for name, engine in self.engines.items():
             stats = engine.stats
             running.add_metric([name], engine.num_running)
@@ -57,30 +65,60 @@ class _EngineCollector:
 class Metrics:
     def __init__(self, engines: dict):
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("chatserve_requests", "HTTP requests by model, endpoint and status.",
-                                ["model", "endpoint", "status"], registry=r)
-        self.e2e = Histogram("chatserve_e2e_request_latency_seconds", "Request arrival to its last byte.",
-                             ["model", "endpoint"], buckets=_LATENCY, registry=r)
-        self.ttft = Histogram("chatserve_time_to_first_token_seconds", "Request arrival to its first token.",
-                              ["model"], buckets=_TTFT, registry=r)
-        self.tpot = Histogram("chatserve_time_per_output_token_seconds", "Mean time between a request's tokens.",
-                              ["model"], buckets=_TPOT, registry=r)
-        self.queue = Histogram("chatserve_request_queue_time_seconds", "Time a request waited before its prefill "
-                               "began.", ["model"], buckets=_LATENCY, registry=r)
-        self.prompt_tokens = Counter("chatserve_prompt_tokens", "Prompt tokens of finished requests.", ["model"],
-                                     registry=r)
-        self.cached_tokens = Counter("chatserve_prompt_tokens_cached", "Prompt tokens served from the prefix cache.",
-                                     ["model"], registry=r)
+        self.requests = Counter(
+            "chatserve_requests",
+            "HTTP requests by model, endpoint and status.",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "chatserve_e2e_request_latency_seconds",
+            "Request arrival to its last byte.",
+            ["model", "endpoint"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "chatserve_time_to_first_token_seconds",
+            "Request arrival to its first token.",
+            ["model"],
+            buckets=_TTFT,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "chatserve_time_per_output_token_seconds",
+            "Mean time between a request's tokens.",
+            ["model"],
+            buckets=_TPOT,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "chatserve_request_queue_time_seconds",
+            "Time a request waited before its prefill began.",
+            ["model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "chatserve_prompt_tokens", "Prompt tokens of finished requests.", ["model"], registry=r
+        )
+        self.cached_tokens = Counter(
+            "chatserve_prompt_tokens_cached", "Prompt tokens served from the prefix cache.", ["model"], registry=r
+        )
         self.generation_tokens = Counter("chatserve_generation_tokens", "Generated tokens.", ["model"], registry=r)
-        self.compile = Histogram("chatserve_constraint_compile_seconds", "json_schema / tools constraint compiles "
-                                 "(cached ones included).", ["model"],
-                                 buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.compile = Histogram(
+            "chatserve_constraint_compile_seconds",
+            "json_schema / tools constraint compiles (cached ones included).",
+            ["model"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         r.register(_EngineCollector(engines))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def timer(self, model: str) -> "RequestTimer":
+    def timer(self, model: str) -> RequestTimer:
         return RequestTimer(self, model)
 
 
@@ -155,4 +193,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, sending)
         finally:
-            record()   # a client that left mid-stream is counted too
+            record()  # a client that left mid-stream is counted too

@@ -6,6 +6,7 @@ parameter there and would document none. These helpers declare the request body 
 response by hand, from the same pydantic models the routes parse and serialize with, so
 /openapi.json tells clients (and fuzzers) what each route really takes and gives.
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel
@@ -23,8 +24,7 @@ _ERRORS = {
     413: "The request body is larger than the server accepts.",
     429: "The server is at capacity; retry after `Retry-After` seconds.",
     500: "An internal error (a bug).",
-    503: "The engine is not running, or the request waited too long in the queue; retry after "
-         "`Retry-After` seconds.",
+    503: "The engine is not running, or the request waited too long in the queue; retry after `Retry-After` seconds.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 
@@ -35,9 +35,16 @@ def _schemas() -> tuple[dict[str, dict], dict[str, dict]]:
     One pydantic pass over all of them, so shared sub-models get one name, and refs point into
     components/schemas (pydantic's default, "#/$defs/...", does not resolve in an OpenAPI document).
     """
-    refs, defs = models_json_schema([(ChatCompletionRequest, "validation"), (ChatCompletionChunk, "serialization"),
-                                     (CompletionRequest, "validation"), (CompletionChunk, "serialization"),
-                                     (ErrorResponse, "serialization")], ref_template=REF_TEMPLATE)
+    refs, defs = models_json_schema(
+        [
+            (ChatCompletionRequest, "validation"),
+            (ChatCompletionChunk, "serialization"),
+            (CompletionRequest, "validation"),
+            (CompletionChunk, "serialization"),
+            (ErrorResponse, "serialization"),
+        ],
+        ref_template=REF_TEMPLATE,
+    )
     return {model.__name__: ref for (model, _mode), ref in refs.items()}, defs.get("$defs", {})
 
 
@@ -70,18 +77,29 @@ def _event_stream(chunk: str) -> dict:
     """One server-sent event (OpenAPI before 3.2 has no itemSchema; tools read an event stream's
     `schema` as the schema of each event, which 3.2 made official): `data` holds a chunk as JSON, or
     an ErrorResponse if generation fails after the stream began, and the last event is [DONE]."""
-    return {"text/event-stream": {"schema": {
-        "type": "object",
-        "description": f"With `stream: true`, each server-sent event: one {chunk} as JSON in `data` "
-                       "(or an ErrorResponse if generation fails after the stream began); the last event's "
-                       "`data` is `[DONE]`.",
-        "properties": {"data": {"anyOf": [
-            {"const": "[DONE]"},
-            {"type": "string", "contentMediaType": "application/json",
-             "contentSchema": {"anyOf": [_REFS[chunk], _REFS["ErrorResponse"]]}},
-        ]}},
-        "required": ["data"],
-    }}}
+    return {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "description": f"With `stream: true`, each server-sent event: one {chunk} as JSON in `data` "
+                "(or an ErrorResponse if generation fails after the stream began); the last event's "
+                "`data` is `[DONE]`.",
+                "properties": {
+                    "data": {
+                        "anyOf": [
+                            {"const": "[DONE]"},
+                            {
+                                "type": "string",
+                                "contentMediaType": "application/json",
+                                "contentSchema": {"anyOf": [_REFS[chunk], _REFS["ErrorResponse"]]},
+                            },
+                        ]
+                    }
+                },
+                "required": ["data"],
+            }
+        }
+    }
 
 
 CHAT_STREAM = _event_stream("ChatCompletionChunk")
@@ -98,7 +116,7 @@ def install(app, *, bearer_auth: bool = False) -> None:
             doc = build()
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             for name, schema in COMPONENTS.items():
-                schemas.setdefault(name, schema)   # FastAPI's own copy of a shared model wins
+                schemas.setdefault(name, schema)  # FastAPI's own copy of a shared model wins
             # FastAPI documents a 422 wherever a route has parameters; the only one here is a path
             # string, which always validates, so this server never answers 422
             for ops in doc.get("paths", {}).values():

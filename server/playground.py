@@ -4,6 +4,7 @@
 Plain HTML, CSS and JavaScript from `server/static/`, shipped as package data: no CDN, no build step.
 `chatserve serve --no-playground` leaves it out.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,10 +19,16 @@ ASSETS_PATH = "/playground/static"
 
 # The page loads only its own files and talks only to this origin: nothing from a CDN, works offline.
 # Images are data: URLs (from the file picker) and blob:s; no inline scripts or style attributes.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-       "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'self'; form-action 'none'")
-PAGE_HEADERS = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer"}
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'self'; form-action 'none'"
+)
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def mount_playground(app: FastAPI) -> None:

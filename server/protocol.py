@@ -3,9 +3,10 @@
 Requests are strict about types (a string where a number belongs is a 400, as with OpenAI) and
 ignore unknown fields. Range checks and cross-field rules live in server/validation.py.
 """
+
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,7 +31,7 @@ class ImagePart(_Req):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class FunctionCall(_Req):
@@ -146,7 +147,7 @@ class Choice(BaseModel):
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0   # prompt tokens whose KV came from the prefix cache (as OpenAI reports it)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (as OpenAI reports it)
 
 
 class Usage(BaseModel):
@@ -226,6 +227,7 @@ class ErrorResponse(BaseModel):
 
 class ModelHealth(BaseModel):
     """One served model's engine: its loop runs ("ok") or not, its load and counters."""
+
     status: Literal["ok", "unavailable"]
     running: int
     waiting: int
@@ -236,6 +238,7 @@ class Health(BaseModel):
     """GET /health: "ok" when every model's engine runs (else a 503, "unavailable"); running and
     waiting summed over the models, each model's own under `models` (by id). With one model,
     `model` names it and `stats` are its engine's counters."""
+
     status: Literal["ok", "unavailable"]
     model: str | None = None
     running: int | None = None
@@ -248,18 +251,19 @@ class Health(BaseModel):
 class CompletionRequest(_Req):
     """A plain-text completion: no chat template. ``prompt`` is a string, a list of strings, a list
     of token ids, or a list of token-id lists; each prompt gets ``n`` choices of its own."""
+
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
-    suffix: str | None = None               # refused (insertion is not supported)
-    max_tokens: int | None = None           # OpenAI's default: 16; 0 (with echo) scores the prompt only
+    suffix: str | None = None  # refused (insertion is not supported)
+    max_tokens: int | None = None  # OpenAI's default: 16; 0 (with echo) scores the prompt only
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None
-    best_of: int | None = None              # only n (no server-side choosing among samples)
+    best_of: int | None = None  # only n (no server-side choosing among samples)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None             # 0..5: each token's logprob and its top alternatives
-    echo: bool | None = None                # the prompt before the completion (its logprobs too)
+    logprobs: int | None = None  # 0..5: each token's logprob and its top alternatives
+    echo: bool | None = None  # the prompt before the completion (its logprobs too)
     stop: str | list[str] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
@@ -274,10 +278,11 @@ class CompletionRequest(_Req):
 class CompletionLogprobs(BaseModel):
     """OpenAI's legacy logprobs: one entry per token in each list. With echo the prompt's tokens come
     first, and the first prompt token (nothing predicts it) has a null logprob and null alternatives."""
+
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]     # the top `logprobs` alternatives, and the token itself
-    text_offset: list[int]                          # each token's character offset in the choice's text
+    top_logprobs: list[dict[str, float] | None]  # the top `logprobs` alternatives, and the token itself
+    text_offset: list[int]  # each token's character offset in the choice's text
 
 
 class CompletionChoice(BaseModel):

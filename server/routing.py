@@ -15,11 +15,13 @@ What `model` may be:
   naming the choices, as guessing would answer from a model the client did not mean;
 - anything else: a 404 `model_not_found` naming the served models.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from . import __version__
 from .errors import APIError
@@ -31,7 +33,7 @@ ANY_MODEL = {"", "tgi", "dummy", "default"}
 
 @dataclass
 class ServedModel:
-    name: str                         # its id: first in /v1/models, the metrics label
+    name: str  # its id: first in /v1/models, the metrics label
     engine: Any
     aliases: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
@@ -49,7 +51,7 @@ def _names(names: str | Iterable[str]) -> list[str]:
     out = [names] if isinstance(names, str) else list(names)
     if not out or not all(isinstance(n, str) and n for n in out):
         raise ValueError(f"model names must be non-empty strings, got {names!r}")
-    return list(dict.fromkeys(out))        # in order, each once
+    return list(dict.fromkeys(out))  # in order, each once
 
 
 def serving_entries(engines, served_names: Iterable[str] | None = None) -> list[tuple[list[str], Any]]:
@@ -80,8 +82,7 @@ class ModelRouter:
     """The served models and the name -> model map (names must be unique across models)."""
 
     def __init__(self, entries: list[tuple[list[str], Any]]):
-        self.models = [ServedModel(name=names[0], aliases=tuple(names[1:]), engine=engine)
-                       for names, engine in entries]
+        self.models = [ServedModel(name=names[0], aliases=tuple(names[1:]), engine=engine) for names, engine in entries]
         self._by_name: dict[str, ServedModel] = {}
         for m in self.models:
             for name in m.names:
@@ -125,10 +126,18 @@ class ModelRouter:
         if requested is None or requested in ANY_MODEL:
             if self.single:
                 return self.models[0], self.models[0].name
-            raise APIError(400, f"this server serves several models; say which in 'model': {self._listing()}",
-                           param="model", code="model_required")
+            raise APIError(
+                400,
+                f"this server serves several models; say which in 'model': {self._listing()}",
+                param="model",
+                code="model_required",
+            )
         raise self.not_found(requested)
 
     def not_found(self, requested: str) -> APIError:
-        return APIError(404, f"model {requested!r} not found; this server serves {self._listing()}",
-                        param="model", code="model_not_found")
+        return APIError(
+            404,
+            f"model {requested!r} not found; this server serves {self._listing()}",
+            param="model",
+            code="model_not_found",
+        )

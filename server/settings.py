@@ -13,6 +13,7 @@ different values is an error, as is a name served by two models.
 
 Every mistake is a ``ConfigError``: one line naming the file (and item) and the key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,42 +27,117 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
-SERVE_DEFAULTS = dict(model=None, revision=None, gguf_file=None, served_model_name=None, aliases=None,
-                      host="127.0.0.1", port=8000, device="auto",
-                      dtype="auto", api_key=None, max_model_len=None, max_running=32, max_waiting=256,
-                      queue_timeout=300.0, prefill_chunk=None, max_newcomers=None, prefix_cache=True, packed=True,
-                      enforce_eager=False,
-                      block_size=16, kv_cache_memory_fraction=None, kv_cache_gb=None, body_read_timeout=30.0,
-                      limit_images_per_request=8, max_image_bytes=20 * 2**20, max_image_pixels=40_000_000,
-                      image_fetch_timeout=10.0, allowed_media_domains=None, log_level="info", log_format="text",
-                      allowed_origins=None)
-SERVE_DEFAULTS.update(playground=True)     # the browser page at / and /playground
+SERVE_DEFAULTS = dict(
+    model=None,
+    revision=None,
+    gguf_file=None,
+    served_model_name=None,
+    aliases=None,
+    host="127.0.0.1",
+    port=8000,
+    device="auto",
+    dtype="auto",
+    api_key=None,
+    max_model_len=None,
+    max_running=32,
+    max_waiting=256,
+    queue_timeout=300.0,
+    prefill_chunk=None,
+    max_newcomers=None,
+    prefix_cache=True,
+    packed=True,
+    enforce_eager=False,
+    block_size=16,
+    kv_cache_memory_fraction=None,
+    kv_cache_gb=None,
+    body_read_timeout=30.0,
+    limit_images_per_request=8,
+    max_image_bytes=20 * 2**20,
+    max_image_pixels=40_000_000,
+    image_fetch_timeout=10.0,
+    allowed_media_domains=None,
+    log_level="info",
+    log_format="text",
+    allowed_origins=None,
+)
+SERVE_DEFAULTS.update(playground=True)  # the browser page at / and /playground
 SERVE_DEFAULTS.update(drain_timeout=30.0, protect_metrics=False)
 # constraint compiles (response_format json_schema / tools): see engine/constraints/limits.py
-SERVE_DEFAULTS.update(compile_timeout=10.0, compile_workers=2, compile_memory_gb=4.0, max_constraint_regex=100_000,
-                      max_constraint_states=None, max_constraint_transitions=10_000_000)
+SERVE_DEFAULTS.update(
+    compile_timeout=10.0,
+    compile_workers=2,
+    compile_memory_gb=4.0,
+    max_constraint_regex=100_000,
+    max_constraint_states=None,
+    max_constraint_transitions=10_000_000,
+)
 
-SERVER_KEYS = frozenset({"host", "port", "api_key", "body_read_timeout", "limit_images_per_request",
-                         "max_image_bytes", "max_image_pixels", "image_fetch_timeout", "allowed_media_domains",
-                         "log_level", "log_format", "allowed_origins", "playground", "drain_timeout",
-                         "protect_metrics", "compile_timeout"})
+SERVER_KEYS = frozenset(
+    {
+        "host",
+        "port",
+        "api_key",
+        "body_read_timeout",
+        "limit_images_per_request",
+        "max_image_bytes",
+        "max_image_pixels",
+        "image_fetch_timeout",
+        "allowed_media_domains",
+        "log_level",
+        "log_format",
+        "allowed_origins",
+        "playground",
+        "drain_timeout",
+        "protect_metrics",
+        "compile_timeout",
+    }
+)
 MODEL_KEYS = frozenset(SERVE_DEFAULTS) - SERVER_KEYS
 # keys that pick one model: not defaults for every item of a `models:` list, nor flags for several
 ONE_MODEL_KEYS = frozenset({"model", "revision", "gguf_file", "served_model_name", "aliases"})
 
 _NUMBER = (int, float)
 _TYPES: dict[str, tuple[type, ...]] = {
-    "model": (str,), "revision": (str,), "gguf_file": (str,), "served_model_name": (str, list), "aliases": (str, list),
-    "host": (str,), "port": (int,), "device": (str,), "dtype": (str,), "api_key": (str,), "max_model_len": (int,),
-    "max_running": (int,), "max_waiting": (int,), "queue_timeout": _NUMBER, "prefill_chunk": (int,),
-    "max_newcomers": (int,), "prefix_cache": (bool,), "packed": (bool,), "enforce_eager": (bool,),
+    "model": (str,),
+    "revision": (str,),
+    "gguf_file": (str,),
+    "served_model_name": (str, list),
+    "aliases": (str, list),
+    "host": (str,),
+    "port": (int,),
+    "device": (str,),
+    "dtype": (str,),
+    "api_key": (str,),
+    "max_model_len": (int,),
+    "max_running": (int,),
+    "max_waiting": (int,),
+    "queue_timeout": _NUMBER,
+    "prefill_chunk": (int,),
+    "max_newcomers": (int,),
+    "prefix_cache": (bool,),
+    "packed": (bool,),
+    "enforce_eager": (bool,),
     "block_size": (int,),
-    "kv_cache_memory_fraction": _NUMBER, "kv_cache_gb": _NUMBER, "body_read_timeout": _NUMBER,
-    "limit_images_per_request": (int,), "max_image_bytes": (int,), "max_image_pixels": (int,),
-    "image_fetch_timeout": _NUMBER, "allowed_media_domains": (list,), "log_level": (str,), "log_format": (str,),
-    "allowed_origins": (str, list), "playground": (bool,), "drain_timeout": _NUMBER, "protect_metrics": (bool,),
-    "compile_timeout": _NUMBER, "compile_workers": (int,), "compile_memory_gb": _NUMBER,
-    "max_constraint_regex": (int,), "max_constraint_states": (int,), "max_constraint_transitions": (int,),
+    "kv_cache_memory_fraction": _NUMBER,
+    "kv_cache_gb": _NUMBER,
+    "body_read_timeout": _NUMBER,
+    "limit_images_per_request": (int,),
+    "max_image_bytes": (int,),
+    "max_image_pixels": (int,),
+    "image_fetch_timeout": _NUMBER,
+    "allowed_media_domains": (list,),
+    "log_level": (str,),
+    "log_format": (str,),
+    "allowed_origins": (str, list),
+    "playground": (bool,),
+    "drain_timeout": _NUMBER,
+    "protect_metrics": (bool,),
+    "compile_timeout": _NUMBER,
+    "compile_workers": (int,),
+    "compile_memory_gb": _NUMBER,
+    "max_constraint_regex": (int,),
+    "max_constraint_states": (int,),
+    "max_constraint_transitions": (int,),
 }
 _CHOICES = {"device": DEVICES, "dtype": DTYPES, "log_level": LOG_LEVELS, "log_format": LOG_FORMATS}
 assert set(_TYPES) == set(SERVE_DEFAULTS)
@@ -73,9 +149,9 @@ class ConfigError(Exception):
 
 @dataclass
 class ServeSettings:
-    server: dict                                        # server-wide settings
-    models: list[dict]                                  # one dict of per-model settings per model, in order
-    origins: list[str] = field(default_factory=list)    # where each model was configured ("a.yaml: models[1]")
+    server: dict  # server-wide settings
+    models: list[dict]  # one dict of per-model settings per model, in order
+    origins: list[str] = field(default_factory=list)  # where each model was configured ("a.yaml: models[1]")
 
     def flat(self, i: int = 0) -> dict:
         """Model i's settings and the server's, in one dict."""
@@ -85,6 +161,7 @@ class ServeSettings:
 # ------------------------------------------------------------------------------------ reading files
 def _read(path: str) -> dict:
     import yaml
+
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -117,8 +194,9 @@ def _mapping(data, where: str) -> dict:
 
 
 def _kind(value) -> str:
-    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number",
-            dict: "mapping"}.get(type(value), type(value).__name__)
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number", dict: "mapping"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _check_keys(data: dict, allowed: frozenset, where: str, *, in_item: bool = False, multi: bool = False) -> None:
@@ -140,8 +218,13 @@ def _check_value(key: str, value, where: str) -> None:
     if ok and isinstance(value, list):
         ok = bool(value) and all(isinstance(v, str) and v for v in value)
     if not ok:
-        want = "a number" if types == _NUMBER else " or ".join(
-            {str: "a string", int: "an integer", bool: "true or false", list: "a list of strings"}[t] for t in types)
+        want = (
+            "a number"
+            if types == _NUMBER
+            else " or ".join(
+                {str: "a string", int: "an integer", bool: "true or false", list: "a list of strings"}[t] for t in types
+            )
+        )
         raise ConfigError(f"{where}: {key}: expected {want}, got {value!r}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"{where}: {key}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
@@ -179,8 +262,9 @@ def resolve(args: argparse.Namespace) -> ServeSettings:
         if "models" in data:
             items = data.pop("models")
             if not isinstance(items, list) or not items:
-                raise ConfigError(f"{path}: models: expected a list of models (each a mapping of settings), "
-                                  f"got {items!r}")
+                raise ConfigError(
+                    f"{path}: models: expected a list of models (each a mapping of settings), got {items!r}"
+                )
             _check_keys(data, SERVER_KEYS | (MODEL_KEYS - ONE_MODEL_KEYS), path, multi=True)
             data = _given(data, path)
             shared = {k: v for k, v in data.items() if k in MODEL_KEYS}
@@ -195,16 +279,20 @@ def resolve(args: argparse.Namespace) -> ServeSettings:
             models.append((path, {k: v for k, v in data.items() if k in MODEL_KEYS}))
         for key in SERVER_KEYS & set(data):
             if key in server and server[key] != data[key]:
-                raise ConfigError(f"{path}: {key}: {data[key]!r} conflicts with {server_from[key]}'s {server[key]!r} "
-                                  "(a server-wide setting: give it once)")
+                raise ConfigError(
+                    f"{path}: {key}: {data[key]!r} conflicts with {server_from[key]}'s {server[key]!r} "
+                    "(a server-wide setting: give it once)"
+                )
             server[key], server_from[key] = data[key], path
     if not models:
         models = [("the command line", {})]
     if len(models) > 1:
         picked = sorted(ONE_MODEL_KEYS & set(flags))
         if picked:
-            raise ConfigError(f"--{picked[0].replace('_', '-')}: names one model, and {len(models)} are configured "
-                              f"({', '.join(w for w, _ in models)}); set it in each model's config")
+            raise ConfigError(
+                f"--{picked[0].replace('_', '-')}: names one model, and {len(models)} are configured "
+                f"({', '.join(w for w, _ in models)}); set it in each model's config"
+            )
 
     out_server = {k: v for k, v in SERVE_DEFAULTS.items() if k in SERVER_KEYS}
     out_server.update(server)
@@ -214,7 +302,7 @@ def resolve(args: argparse.Namespace) -> ServeSettings:
     out_server["allowed_origins"] = _origins(out_server["allowed_origins"])
 
     out_models = []
-    for where, m in models:
+    for _where, m in models:
         s = {k: v for k, v in SERVE_DEFAULTS.items() if k in MODEL_KEYS}
         s.update(m)
         s.update({k: v for k, v in flags.items() if k in MODEL_KEYS})
@@ -256,12 +344,16 @@ def kv_fractions(shares: list[float | None], default_total: float = 0.9) -> list
     set_total = sum(s for s in shares if s is not None)
     fill = (default_total - set_total) / len(unset) if unset else 0.0
     if unset and fill <= 0:
-        raise ConfigError(f"kv_cache_memory_fraction: the models that set it take {set_total:g} of the free GPU "
-                          f"memory, leaving nothing of the default {default_total:g} for the {len(unset)} that do not")
+        raise ConfigError(
+            f"kv_cache_memory_fraction: the models that set it take {set_total:g} of the free GPU "
+            f"memory, leaving nothing of the default {default_total:g} for the {len(unset)} that do not"
+        )
     wanted = [fill if s is None else s for s in shares]
     if sum(wanted) > 1 + 1e-9:
-        raise ConfigError(f"kv_cache_memory_fraction: the models on the GPU ask for {sum(wanted):g} of its free "
-                          "memory in all (at most 1)")
+        raise ConfigError(
+            f"kv_cache_memory_fraction: the models on the GPU ask for {sum(wanted):g} of its free "
+            "memory in all (at most 1)"
+        )
     out, taken = [], 0.0
     for w in wanted:
         out.append(min(1.0, w / (1 - taken)))

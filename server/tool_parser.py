@@ -12,17 +12,24 @@ fragments of :class:`ToolCallStreamParser` -- ``parse_tool_calls`` is built on t
 so the two can never disagree. (One exception, identical in both: when a model writes the
 arguments as a JSON *string* holding JSON, that string is decoded.)
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from engine.tools import get_format
 
 __all__ = [
-    "Content", "CallStart", "CallArgs", "CallEnd", "ToolEvent", "ToolCallStreamParser",
-    "collect_events", "parse_tool_calls",
+    "Content",
+    "CallStart",
+    "CallArgs",
+    "CallEnd",
+    "ToolEvent",
+    "ToolCallStreamParser",
+    "collect_events",
+    "parse_tool_calls",
 ]
 
 
@@ -30,15 +37,18 @@ __all__ = [
 # Events
 # ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class Content:
     """Text outside any call."""
+
     text: str
 
 
 @dataclass(frozen=True, slots=True)
 class CallStart:
     """Call number ``index`` (0, 1, ... in the reply) began and names ``name``."""
+
     index: int
     name: str
 
@@ -46,6 +56,7 @@ class CallStart:
 @dataclass(frozen=True, slots=True)
 class CallArgs:
     """The next piece of call ``index``'s arguments JSON text."""
+
     index: int
     fragment: str
 
@@ -53,6 +64,7 @@ class CallArgs:
 @dataclass(frozen=True, slots=True)
 class CallEnd:
     """Call ``index`` is complete."""
+
     index: int
 
 
@@ -66,8 +78,7 @@ ToolEvent = Content | CallStart | CallArgs | CallEnd
 _WS = " \t\r\n"
 
 # phases of the call-object scanner
-_P_OPEN, _P_KEY, _P_KEYSTR, _P_COLON, _P_VALUE, _P_VSTR, _P_VCONT, _P_VSCALAR, \
-    _P_AFTER = range(9)
+_P_OPEN, _P_KEY, _P_KEYSTR, _P_COLON, _P_VALUE, _P_VSTR, _P_VCONT, _P_VSCALAR, _P_AFTER = range(9)
 
 
 class _CallScanner:
@@ -77,9 +88,24 @@ class _CallScanner:
     is interpreted; nested values are tracked by bracket depth with string awareness.
     """
 
-    __slots__ = ("text", "pos", "phase", "key", "key_start", "vstart", "depth", "in_str",
-                 "esc", "name", "args_start", "args_end", "args_is_str", "error", "done",
-                 "cur_key_is_args")
+    __slots__ = (
+        "text",
+        "pos",
+        "phase",
+        "key",
+        "key_start",
+        "vstart",
+        "depth",
+        "in_str",
+        "esc",
+        "name",
+        "args_start",
+        "args_end",
+        "args_is_str",
+        "error",
+        "done",
+        "cur_key_is_args",
+    )
 
     def __init__(self):
         self.text = ""
@@ -91,12 +117,12 @@ class _CallScanner:
         self.depth = 0
         self.in_str = False
         self.esc = False
-        self.name = None           # decoded name once its value string completed
-        self.args_start = None     # slice of the arguments value in self.text
+        self.name = None  # decoded name once its value string completed
+        self.args_start = None  # slice of the arguments value in self.text
         self.args_end = None
         self.args_is_str = False
         self.error = False
-        self.done = False          # closing brace of the object seen (self.pos is after it)
+        self.done = False  # closing brace of the object seen (self.pos is after it)
         self.cur_key_is_args = False
 
     def feed(self, s: str) -> None:
@@ -152,7 +178,7 @@ class _CallScanner:
                     self.esc = True
                 elif c == '"':
                     try:
-                        self.key = json.loads(t[self.key_start:i + 1])
+                        self.key = json.loads(t[self.key_start : i + 1])
                     except ValueError:
                         self.error = True
                         break
@@ -212,7 +238,7 @@ class _CallScanner:
             elif ph == _P_VSCALAR:
                 if c in _WS or c in ",}":
                     self._end_value(i)
-                    continue            # re-read c in _P_AFTER
+                    continue  # re-read c in _P_AFTER
             elif ph == _P_AFTER:
                 if c in _WS:
                     pass
@@ -257,19 +283,19 @@ class ToolCallStreamParser:
 
     def __init__(self, family: str = "generic"):
         self.fmt = get_format(family)
-        self._buf = ""             # undecided text in content mode
-        self._held_ws = ""         # trailing whitespace of content, released lazily
-        self._at_start = True      # nothing but whitespace seen (bare JSON allowed)
-        self._after_call = False   # right after a call: skip whitespace / separators
+        self._buf = ""  # undecided text in content mode
+        self._held_ws = ""  # trailing whitespace of content, released lazily
+        self._at_start = True  # nothing but whitespace seen (bare JSON allowed)
+        self._after_call = False  # right after a call: skip whitespace / separators
         self._ncalls = 0
         self._call: _CallScanner | None = None
         self._call_raw_prefix = ""  # opener text (released as content if the call aborts)
-        self._started = False       # CallStart emitted for the current call
-        self._args_emitted = 0      # chars of args text already emitted; -1: a string value, released whole
-        self._closing = False       # object done, waiting for the close tag
+        self._started = False  # CallStart emitted for the current call
+        self._args_emitted = 0  # chars of args text already emitted; -1: a string value, released whole
+        self._closing = False  # object done, waiting for the close tag
         self._close_buf = ""
         self._content_seen = False
-        self._pre_call_ws = ""      # whitespace dropped before the current call's opener
+        self._pre_call_ws = ""  # whitespace dropped before the current call's opener
 
     # -- content handling ----------------------------------------------------------
     def _content(self, text: str, out: list[ToolEvent]) -> None:
@@ -282,7 +308,7 @@ class ToolCallStreamParser:
             self._after_call = False
         combined = self._held_ws + text
         body = combined.rstrip(_WS)
-        self._held_ws = combined[len(body):]
+        self._held_ws = combined[len(body) :]
         if body:
             out.append(Content(body))
             self._content_seen = True
@@ -320,12 +346,12 @@ class ToolCallStreamParser:
             for tag in fmt.open_tags:
                 if s.startswith(tag):
                     self._at_start = self._after_call = False
-                    self._buf = s[len(tag):]
+                    self._buf = s[len(tag) :]
                     self._begin_call(tag, out)
                     return True
                 if tag.startswith(s):
                     self._buf = buf
-                    return False       # undecided
+                    return False  # undecided
             self._at_start = False
             self._content(buf, out)
             self._buf = ""
@@ -340,9 +366,9 @@ class ToolCallStreamParser:
             j, tag = found
             self._content(buf[:j], out)
             self._pre_call_ws = self._held_ws
-            self._held_ws = ""           # whitespace right before a call is dropped
+            self._held_ws = ""  # whitespace right before a call is dropped
             self._after_call = False
-            self._buf = buf[j + len(tag):]
+            self._buf = buf[j + len(tag) :]
             self._begin_call(tag, out)
             return True
         keep = 0
@@ -351,8 +377,8 @@ class ToolCallStreamParser:
                 if tag.startswith(buf[-k:]):
                     keep = max(keep, k)
                     break
-        self._content(buf[:len(buf) - keep], out)
-        self._buf = buf[len(buf) - keep:]
+        self._content(buf[: len(buf) - keep], out)
+        self._buf = buf[len(buf) - keep :]
         return False
 
     # -- call handling -------------------------------------------------------------
@@ -379,7 +405,7 @@ class ToolCallStreamParser:
             self._buf = self._buf[1:]
 
     def _args_text(self, call: _CallScanner, end: int) -> str:
-        return call.text[call.args_start if call.args_start is not None else call.vstart:end]
+        return call.text[call.args_start if call.args_start is not None else call.vstart : end]
 
     def _pump_call(self, out: list[ToolEvent], final: bool = False) -> None:
         call = self._call
@@ -401,7 +427,7 @@ class ToolCallStreamParser:
             # stream argument text
             if call.args_start is not None and call.args_is_str:
                 if self._args_emitted == 0:
-                    raw = call.text[call.args_start:call.args_end]
+                    raw = call.text[call.args_start : call.args_end]
                     try:
                         frag = json.loads(raw)
                         if not isinstance(frag, str):
@@ -410,11 +436,10 @@ class ToolCallStreamParser:
                         frag = raw
                     if frag:
                         out.append(CallArgs(idx, frag))
-                    self._args_emitted = -1    # released whole
+                    self._args_emitted = -1  # released whole
             elif self._args_emitted >= 0:
                 end = call.args_streamable_end()
-                if final and end is None and call.cur_key_is_args and call.phase in (
-                        _P_VSCALAR, _P_VSTR):
+                if final and end is None and call.cur_key_is_args and call.phase in (_P_VSCALAR, _P_VSTR):
                     end = len(call.text)
                 if end is not None:
                     start = call.args_start if call.args_start is not None else call.vstart
@@ -435,7 +460,7 @@ class ToolCallStreamParser:
             out.append(CallArgs(idx, "{}"))
         out.append(CallEnd(idx))
         self._pre_call_ws = ""
-        rest = self._call.text[self._call.pos:] if self._call is not None else ""
+        rest = self._call.text[self._call.pos :] if self._call is not None else ""
         self._ncalls += 1
         self._call = None
         self._closing = False
@@ -451,15 +476,15 @@ class ToolCallStreamParser:
                 call.feed(self._buf)
                 self._buf = ""
             self._pump_call(out, final)
-            if self._call is None:          # aborted
+            if self._call is None:  # aborted
                 return True
             if call.error and not self._started:
                 return True
             if not self._closing:
                 return False
             # object complete: whatever was scanned past the brace goes to close handling
-            self._close_buf = call.text[call.pos:]
-            call.text = call.text[:call.pos]
+            self._close_buf = call.text[call.pos :]
+            call.text = call.text[: call.pos]
         tag = self.fmt.close_tag
         if not tag:
             self._buf = self._close_buf + self._buf
@@ -471,13 +496,13 @@ class ToolCallStreamParser:
         s = self._close_buf.lstrip(_WS)
         if s.startswith(tag):
             self._close_buf = ""
-            self._buf = s[len(tag):]
+            self._buf = s[len(tag) :]
             self._finish_call(out)
             return True
         if tag.startswith(s):
             if not final:
-                return False                # undecided (e.g. "</tool_")
-            self._close_buf = ""            # the reply ended inside the close tag (max_tokens): drop it
+                return False  # undecided (e.g. "</tool_")
+            self._close_buf = ""  # the reply ended inside the close tag (max_tokens): drop it
             self._finish_call(out)
             return True
         self._buf = self._close_buf

@@ -3,6 +3,7 @@
 The parsing is tool_parser's (per model family, with engine.tools' formats); this module only
 frames its events for the wire.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -39,9 +40,20 @@ class ToolCallFramer:
                     deltas.append(Delta(content=ev.text))
             elif isinstance(ev, CallStart):
                 self.count += 1
-                deltas.append(Delta(tool_calls=[ToolCallDelta(index=ev.index, id=new_call_id(), type="function",
-                                                              function=FunctionDelta(name=ev.name, arguments=""))]))
+                deltas.append(
+                    Delta(
+                        tool_calls=[
+                            ToolCallDelta(
+                                index=ev.index,
+                                id=new_call_id(),
+                                type="function",
+                                function=FunctionDelta(name=ev.name, arguments=""),
+                            )
+                        ]
+                    )
+                )
             elif isinstance(ev, CallArgs) and ev.fragment:
-                deltas.append(Delta(tool_calls=[ToolCallDelta(index=ev.index,
-                                                              function=FunctionDelta(arguments=ev.fragment))]))
+                deltas.append(
+                    Delta(tool_calls=[ToolCallDelta(index=ev.index, function=FunctionDelta(arguments=ev.fragment))])
+                )
         return deltas

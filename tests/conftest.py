@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight models (saved with save_pretrained, loaded through the real
 loader), engines on them, and real HTTP servers (uvicorn on a free loopback port in a thread)."""
+
 from __future__ import annotations
 
 import socket
@@ -9,9 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 import torch
-
 from tiny_models import build_tiny_llama
 
 # The tests run the server, its clients and the engine thread in one process on a 2-core
@@ -33,6 +32,7 @@ def tiny_model_no_template_dir(tmp_path_factory) -> Path:
 def make_engine(model_dir, **config):
     from engine.engine import Engine, EngineConfig
     from engine.loader import load_model
+
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     return Engine(loaded, EngineConfig(**config)).start()
 
@@ -42,12 +42,14 @@ class ServerThread:
 
     def __init__(self, app):
         import uvicorn
+
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         sock.close()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -70,6 +72,7 @@ class ServerThread:
 
 def serve_engine(engine, **app_kwargs) -> ServerThread:
     from server.app import create_app
+
     return ServerThread(create_app(engine, **app_kwargs))
 
 

@@ -14,6 +14,7 @@ tests/test_api_surface.py runs both briefly (this file's name keeps pytest from 
 
 A finding here becomes a regression test in tests/test_api_surface.py (and a fix in server/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,11 +26,12 @@ from collections import Counter
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE), str(_HERE.parent)):      # run as a script: import like pytest does
+for _p in (str(_HERE), str(_HERE.parent)):  # run as a script: import like pytest does
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from server.errors import APIError  # noqa: E402
 from server.validation import ValidatedRequest, parse_body, render_and_fit, validate  # noqa: E402
@@ -37,53 +39,192 @@ from server.validation import ValidatedRequest, parse_body, render_and_fit, vali
 # ---------------------------------------------------------------------------------- validation layer
 # strings that have found bugs in servers like this one: empty, NUL, a lone surrogate (valid JSON
 # escape, invalid Unicode), non-ASCII digits that int() or str.isdigit() take, a long one
-NASTY_STRINGS = ["", " ", "\x00", "\ud800", "a\udfffb", "٣", "²", "-1", "+5", " 5", "1e3", "NaN", "x" * 3000,
-                 "auto", "none", "required", "function", "text", "image_url", "json_schema", "json_object", "user"]
-NASTY = [None, True, False, 0, -1, 1, 2 ** 31, 2 ** 63, 2 ** 64, -(2 ** 63) - 1, 10 ** 30, 0.0, -0.0, 1e-310, 0.5,
-         1e308, float("inf"), float("-inf"), float("nan"), [], {}, [None], {"": None}, [[]], [{}],
-         {"type": "object"}, {"type": "text", "text": ""}, *NASTY_STRINGS]
+NASTY_STRINGS = [
+    "",
+    " ",
+    "\x00",
+    "\ud800",
+    "a\udfffb",
+    "٣",
+    "²",
+    "-1",
+    "+5",
+    " 5",
+    "1e3",
+    "NaN",
+    "x" * 3000,
+    "auto",
+    "none",
+    "required",
+    "function",
+    "text",
+    "image_url",
+    "json_schema",
+    "json_object",
+    "user",
+]
+NASTY = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2**31,
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    10**30,
+    0.0,
+    -0.0,
+    1e-310,
+    0.5,
+    1e308,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    [],
+    {},
+    [None],
+    {"": None},
+    [[]],
+    [{}],
+    {"type": "object"},
+    {"type": "text", "text": ""},
+    *NASTY_STRINGS,
+]
 # every field name the wire models know, so random objects hit real fields
-KEYS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-        "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs", "stream", "stream_options", "n",
-        "tools", "tool_choice", "tool_prompt", "parallel_tool_calls", "response_format", "logit_bias",
-        "ignore_eos", "min_tokens", "role", "content", "name", "tool_calls", "tool_call_id", "type", "text",
-        "image_url", "url", "detail", "function", "arguments", "description", "parameters", "strict", "id",
-        "include_usage", "json_schema", "schema", "value"]
+KEYS = [
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "logprobs",
+    "top_logprobs",
+    "stream",
+    "stream_options",
+    "n",
+    "tools",
+    "tool_choice",
+    "tool_prompt",
+    "parallel_tool_calls",
+    "response_format",
+    "logit_bias",
+    "ignore_eos",
+    "min_tokens",
+    "role",
+    "content",
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "type",
+    "text",
+    "image_url",
+    "url",
+    "detail",
+    "function",
+    "arguments",
+    "description",
+    "parameters",
+    "strict",
+    "id",
+    "include_usage",
+    "json_schema",
+    "schema",
+    "value",
+]
 
 TEXT = st.text(max_size=12) | st.sampled_from(NASTY_STRINGS)
-LEAF = (st.none() | st.booleans() | st.integers() | st.floats() | TEXT | st.sampled_from(NASTY))
-JSON = st.recursive(LEAF, lambda inner: st.lists(inner, max_size=4)
-                    | st.dictionaries(st.sampled_from(KEYS) | TEXT, inner, max_size=4), max_leaves=16)
+LEAF = st.none() | st.booleans() | st.integers() | st.floats() | TEXT | st.sampled_from(NASTY)
+JSON = st.recursive(
+    LEAF,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | TEXT, inner, max_size=4),
+    max_leaves=16,
+)
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 VALID = [
     {"messages": [{"role": "user", "content": "Hello"}]},
-    {"model": "tgi", "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["\n\n", "END"],
-     "frequency_penalty": 0.1, "presence_penalty": -0.1, "logprobs": True, "top_logprobs": 2, "stream": True,
-     "stream_options": {"include_usage": True}, "n": 1, "logit_bias": {"5": 1.5}, "min_tokens": 1,
-     "ignore_eos": False,
-     "messages": [{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": ""}]},
-                  {"role": "assistant", "content": "Hi."},
-                  {"role": "developer", "content": "Answer in French."},
-                  {"role": "user", "content": "How are you?", "name": "ann"}]},
-    {"max_completion_tokens": 4, "tools": [WEATHER], "tool_choice": "auto", "parallel_tool_calls": False,
-     "messages": [{"role": "user", "content": "Weather in Paris?"},
-                  {"role": "assistant", "content": None, "tool_calls": [
-                      {"id": "call_1", "type": "function",
-                       "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
-                  {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-                  {"role": "user", "content": "And tomorrow?"}]},
-    {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-     "messages": [{"role": "user", "content": "Weather in Rome?"}]},
-    {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
-        "type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}},
-     "messages": [{"role": "user", "content": "Reply in JSON"}]},
+    {
+        "model": "tgi",
+        "max_tokens": 8,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 1,
+        "stop": ["\n\n", "END"],
+        "frequency_penalty": 0.1,
+        "presence_penalty": -0.1,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "n": 1,
+        "logit_bias": {"5": 1.5},
+        "min_tokens": 1,
+        "ignore_eos": False,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": ""}]},
+            {"role": "assistant", "content": "Hi."},
+            {"role": "developer", "content": "Answer in French."},
+            {"role": "user", "content": "How are you?", "name": "ann"},
+        ],
+    },
+    {
+        "max_completion_tokens": 4,
+        "tools": [WEATHER],
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "user", "content": "And tomorrow?"},
+        ],
+    },
+    {
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "messages": [{"role": "user", "content": "Weather in Rome?"}],
+    },
+    {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "answer",
+                "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]},
+            },
+        },
+        "messages": [{"role": "user", "content": "Reply in JSON"}],
+    },
     {"response_format": {"type": "json_object"}, "stop": "}", "messages": [{"role": "user", "content": "JSON"}]},
-    {"response_format": {"type": "json", "value": {"type": "object"}},      # TGI's shape
-     "messages": [{"role": "user", "content": "JSON"}]},
+    {
+        "response_format": {"type": "json", "value": {"type": "object"}},  # TGI's shape
+        "messages": [{"role": "user", "content": "JSON"}],
+    },
 ]
 
 
@@ -98,7 +239,7 @@ def _slots(obj):
 def _containers(obj):
     if isinstance(obj, (dict, list)):
         yield obj
-        for value in (obj.values() if isinstance(obj, dict) else obj):
+        for value in obj.values() if isinstance(obj, dict) else obj:
             yield from _containers(value)
 
 
@@ -179,8 +320,13 @@ def run_validation_fuzz(engine, *, examples: int, derandomize: bool = True) -> C
     """The validation-layer property over `examples` bodies; returns how often each outcome came."""
     outcomes: Counter = Counter()
 
-    @settings(max_examples=examples, deadline=None, derandomize=derandomize, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=derandomize,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(raw=bodies())
     def prop(raw):
         outcomes[validation_outcome(raw, engine)] += 1
@@ -190,15 +336,21 @@ def run_validation_fuzz(engine, *, examples: int, derandomize: bool = True) -> C
 
 
 # ---------------------------------------------------------------------------------- schemathesis
-OPERATIONS = ["GET /health", "GET /v1/models", "GET /v1/models/{model_id}", "POST /v1/chat/completions",
-              "POST /v1/completions"]
-CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "CompletionChunk"}   # streamed bodies
+OPERATIONS = [
+    "GET /health",
+    "GET /v1/models",
+    "GET /v1/models/{model_id}",
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+]
+CHUNKS = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "CompletionChunk"}  # streamed bodies
 ROLES = ["system", "developer", "user", "assistant"]
-MAX_TOKENS = 4     # generation stays cheap: the point is the request handling, not the text
+MAX_TOKENS = 4  # generation stays cheap: the point is the request handling, not the text
 
 
 def load_schema(base_url: str):
     import schemathesis
+
     return schemathesis.openapi.from_url(base_url + "/openapi.json")
 
 
@@ -207,7 +359,7 @@ def _make_cheap(body: dict) -> None:
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_TOKENS:
             body[key] = MAX_TOKENS
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:   # null: no limit
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:  # null: no limit
         body["max_tokens"] = MAX_TOKENS
 
 
@@ -225,13 +377,13 @@ def _steer(body: dict, draw) -> None:
             continue
         if m.get("role") not in ROLES:
             m["role"] = draw(st.sampled_from(ROLES))
-        if isinstance(m.get("content"), list):      # a text-only model: image parts are a 400
+        if isinstance(m.get("content"), list):  # a text-only model: image parts are a 400
             m["content"] = [p for p in m["content"] if isinstance(p, dict) and p.get("type") == "text"]
         if not m.get("content"):
             m["content"] = draw(TEXT)
     if not body.get("tools"):
         body.pop("tool_choice", None)
-    if draw(st.booleans()):     # optional fields are rarely drawn: without this, few streams
+    if draw(st.booleans()):  # optional fields are rarely drawn: without this, few streams
         body["stream"] = True
     if not body.get("stream"):
         body.pop("stream_options", None)
@@ -242,8 +394,9 @@ def _steer_completion(body: dict, draw) -> None:
     if draw(st.booleans()):
         body.pop("model", None)
     if draw(st.booleans()):
-        body["prompt"] = draw(TEXT.filter(bool) | st.lists(st.sampled_from(["Hi", "Hello there", "1 2 3"]),
-                                                            min_size=1, max_size=3))
+        body["prompt"] = draw(
+            TEXT.filter(bool) | st.lists(st.sampled_from(["Hi", "Hello there", "1 2 3"]), min_size=1, max_size=3)
+        )
     for key in ("suffix", "best_of"):
         body.pop(key, None)
     if not isinstance(body.get("n"), int) or not 1 <= body["n"] <= 3:
@@ -259,6 +412,7 @@ def doc_validator(doc: dict, name: str):
     from jsonschema import Draft202012Validator
     from referencing import Registry, Resource
     from referencing.jsonschema import DRAFT202012
+
     registry = Registry().with_resource("urn:openapi", Resource(contents=doc, specification=DRAFT202012))
     return Draft202012Validator({"$ref": f"urn:openapi#/components/schemas/{name}"}, registry=registry)
 
@@ -270,7 +424,7 @@ def check_event_stream(doc: dict, text: str, *, complete: bool = True, chunk_mod
     chunk, error = doc_validator(doc, chunk_model), doc_validator(doc, "ErrorResponse")
     lines = [line for line in text.split("\n") if line]
     assert lines and all(line.startswith("data: ") for line in lines), lines[:3]
-    payloads = [line[len("data: "):] for line in lines]
+    payloads = [line[len("data: ") :] for line in lines]
     if complete or payloads[-1] == "[DONE]":
         assert payloads[-1] == "[DONE]", payloads[-3:]
         payloads.pop()
@@ -285,8 +439,16 @@ def check_event_stream(doc: dict, text: str, *, complete: bool = True, chunk_mod
     return len(events)
 
 
-def run_schema_fuzz(schema, label: str, base_url: str, *, model_name: str, examples: int,
-                    derandomize: bool = True, negative: bool = False) -> Counter:
+def run_schema_fuzz(
+    schema,
+    label: str,
+    base_url: str,
+    *,
+    model_name: str,
+    examples: int,
+    derandomize: bool = True,
+    negative: bool = False,
+) -> Counter:
     """Fuzz one operation with bodies and parameters schemathesis draws from the document.
 
     Positive (schema-valid) data: three of four examples are steered towards requests the server
@@ -295,8 +457,12 @@ def run_schema_fuzz(schema, label: str, base_url: str, *, model_name: str, examp
     ("200 stream" for an event stream)."""
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                                   response_schema_conformance, status_code_conformance)
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     method, path = label.split(" ", 1)
     operation = schema[path][method]
@@ -307,11 +473,16 @@ def run_schema_fuzz(schema, label: str, base_url: str, *, model_name: str, examp
     mode = GenerationMode.NEGATIVE if negative else GenerationMode.POSITIVE
     statuses: Counter = Counter()
 
-    @settings(max_examples=examples, deadline=None, derandomize=derandomize, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=derandomize,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=mode), data=st.data())
     def fuzz(case, data):
-        steer = not negative and data.draw(st.sampled_from([True, True, True, False]))   # hypothesis favours the first
+        steer = not negative and data.draw(st.sampled_from([True, True, True, False]))  # hypothesis favours the first
         if isinstance(case.body, dict):
             if steer:
                 (_steer_completion if path == "/v1/completions" else _steer)(case.body, data.draw)
@@ -323,8 +494,9 @@ def run_schema_fuzz(schema, label: str, base_url: str, *, model_name: str, examp
         streamed = response.headers.get("content-type", [""])[0].startswith("text/event-stream")
         if response.status_code == 200 and streamed:
             # schemathesis reads at most 20 events of a stream
-            check_event_stream(doc, response.content.decode(), complete=not response.stream_cut_short,
-                               chunk_model=CHUNKS[path])
+            check_event_stream(
+                doc, response.content.decode(), complete=not response.stream_cut_short, chunk_model=CHUNKS[path]
+            )
         statuses[f"{response.status_code} stream" if streamed else str(response.status_code)] += 1
 
     fuzz()
@@ -341,7 +513,6 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     import torch
-
     from conftest import make_engine, serve_engine
     from tiny_models import build_tiny_llama
 
@@ -357,14 +528,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "schema"):
             with serve_engine(engine) as srv:
                 schema = load_schema(srv.base_url)
-                runs = [(label, False) for label in OPERATIONS] + [("POST /v1/chat/completions", True),
-                                                                   ("POST /v1/completions", True)]
+                runs = [(label, False) for label in OPERATIONS] + [
+                    ("POST /v1/chat/completions", True),
+                    ("POST /v1/completions", True),
+                ]
                 for label, negative in runs:
                     t0 = time.perf_counter()
-                    statuses = run_schema_fuzz(schema, label, srv.base_url, model_name=engine.model_name,
-                                               examples=args.examples, derandomize=False, negative=negative)
-                    print(f"schema {label}{' (negative)' if negative else ''}: {dict(sorted(statuses.items()))} "
-                          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+                    statuses = run_schema_fuzz(
+                        schema,
+                        label,
+                        srv.base_url,
+                        model_name=engine.model_name,
+                        examples=args.examples,
+                        derandomize=False,
+                        negative=negative,
+                    )
+                    print(
+                        f"schema {label}{' (negative)' if negative else ''}: {dict(sorted(statuses.items()))} "
+                        f"in {time.perf_counter() - t0:.1f}s",
+                        flush=True,
+                    )
     finally:
         engine.stop()
     return 0

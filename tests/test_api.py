@@ -10,6 +10,7 @@ multi-byte tests check that the text equals the generated *bytes* decoded once, 
 logprobs ``bytes``): a character split across tokens or across stream chunks would show up there
 as a spurious U+FFFD.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from conftest import make_engine, serve_engine
 
 CHAT = "/v1/chat/completions"
@@ -36,6 +36,7 @@ def _one_torch_thread():
     default (2 threads) spins against the other processes: the 20-request batch below measured
     7-18 s that way against ~1 s on one thread. These tests are about behaviour, not speed."""
     import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -85,6 +86,7 @@ async def astream_events(client: httpx.AsyncClient, **body) -> list[dict]:
 def concurrently(base_url: str, make_jobs) -> list:
     """Run the coroutines make_jobs(async_client) returns at the same time (one thread, one event loop:
     threads would fight over the GIL and the two cores); results in order."""
+
     async def main():
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as c:
@@ -96,7 +98,7 @@ def concurrently(base_url: str, make_jobs) -> list:
 def _sse_chunks(lines: list[str]) -> list[dict]:
     assert lines, "empty stream"
     assert all(line.startswith("data: ") for line in lines), lines[:3]
-    payloads = [line[len("data: "):] for line in lines]
+    payloads = [line[len("data: ") :] for line in lines]
     assert payloads[-1] == "[DONE]", payloads[-3:]
     assert "[DONE]" not in payloads[:-1]
     return [json.loads(p) for p in payloads[:-1]]
@@ -186,7 +188,7 @@ def next_data(lines) -> str:
     for line in lines:
         if line:
             assert line.startswith("data: "), line
-            return line[len("data: "):]
+            return line[len("data: ") :]
     raise AssertionError("the stream ended")
 
 
@@ -240,18 +242,21 @@ def counts(usage: dict) -> tuple:
 
 def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client):
     # OpenAI's usage.prompt_tokens_details.cached_tokens: a repeated long prompt reuses its KV
-    messages = [{"role": "system", "content": "You are a terse assistant. " * 8},
-                {"role": "user", "content": "Say something about the sea."}]
+    messages = [
+        {"role": "system", "content": "You are a terse assistant. " * 8},
+        {"role": "user", "content": "Say something about the sea."},
+    ]
     first = chat(client, messages=messages, temperature=0, max_tokens=6)
     again = chat(client, messages=messages, temperature=0, max_tokens=6)
-    other = chat(client, messages=messages[:1] + [{"role": "user", "content": "Now about trees?"}],
-                 temperature=0, max_tokens=6)
+    other = chat(
+        client, messages=messages[:1] + [{"role": "user", "content": "Now about trees?"}], temperature=0, max_tokens=6
+    )
     prompt = first["usage"]["prompt_tokens"]
     assert prompt > 40
     assert 0 <= first["usage"]["prompt_tokens_details"]["cached_tokens"] < prompt
     cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert prompt - 16 <= cached < prompt            # all full 16-token blocks but the last token's
-    assert 16 <= other["usage"]["prompt_tokens_details"]["cached_tokens"] <= cached   # shared system prompt
+    assert prompt - 16 <= cached < prompt  # all full 16-token blocks but the last token's
+    assert 16 <= other["usage"]["prompt_tokens_details"]["cached_tokens"] <= cached  # shared system prompt
     assert content_of(first) == content_of(again)
 
 
@@ -286,7 +291,7 @@ def test_stream_chunks_match_non_stream(client, tiny_engine):
         assert c["model"] == tiny_engine.model_name
         assert c["created"] == chunks[0]["created"]
         assert c["system_fingerprint"] == full["system_fingerprint"]
-        assert "usage" not in c                     # no include_usage: no usage key at all
+        assert "usage" not in c  # no include_usage: no usage key at all
         assert len(c["choices"]) == 1 and c["choices"][0]["index"] == 0
         assert "tool_calls" not in c["choices"][0]["delta"]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -337,16 +342,19 @@ def _pick_stop(greedy, after: int = 0, n: int = 4) -> str:
     starts = range(max(3, after, len(text) // 4), len(text) - n)
 
     def ok(start, inside_token, multi_token):
-        cand = text[start:start + n]
+        cand = text[start : start + n]
         b0, b1 = spans[start][0], spans[start + n - 1][1]
-        return (REPLACEMENT not in cand and text.find(cand) == start
-                and (not inside_token or b0 not in ends)
-                and (not multi_token or any(b0 < e < b1 for e in ends)))
+        return (
+            REPLACEMENT not in cand
+            and text.find(cand) == start
+            and (not inside_token or b0 not in ends)
+            and (not multi_token or any(b0 < e < b1 for e in ends))
+        )
 
     for prefs in ((True, True), (False, True), (False, False)):
         for start in starts:
             if ok(start, *prefs):
-                return text[start:start + n]
+                return text[start : start + n]
     pytest.fail(f"no usable stop string in {text!r}")
 
 
@@ -355,7 +363,7 @@ def _pick_stop(greedy, after: int = 0, n: int = 4) -> str:
 def test_stop_string_cuts_output(client, greedy_30, stream, as_list):
     stop = _pick_stop(greedy_30)
     text = greedy_30[0]
-    expected = text[:text.find(stop)]
+    expected = text[: text.find(stop)]
     assert expected and stop not in expected
     body = dict(temperature=0, max_tokens=30, min_tokens=30, stop=[stop] if as_list else stop)
     if stream:
@@ -391,7 +399,7 @@ def test_earliest_stop_string_wins_whatever_its_place_in_the_list(client, greedy
     later = _pick_stop(greedy_30, after=text.find(earlier) + 3, n=3)
     assert text.find(earlier) < text.find(later)
     r = chat(client, temperature=0, max_tokens=30, min_tokens=30, stop=[later, earlier])
-    assert content_of(r) == text[:text.find(earlier)]
+    assert content_of(r) == text[: text.find(earlier)]
     assert r["choices"][0]["finish_reason"] == "stop"
 
 
@@ -403,14 +411,18 @@ def test_multibyte_text_is_never_split(tiny_server):
     seeds = list(range(10))
     body = dict(messages=EMOJI_MSGS, temperature=1.5, max_tokens=40, logprobs=True)
 
-    results = concurrently(tiny_server.base_url, lambda c: [
-        (astream_events if stream else achat)(c, seed=seed, **body) for seed in seeds for stream in (False, True)])
+    results = concurrently(
+        tiny_server.base_url,
+        lambda c: [
+            (astream_events if stream else achat)(c, seed=seed, **body) for seed in seeds for stream in (False, True)
+        ],
+    )
     split_chars = 0
     for i, seed in enumerate(seeds):
         full, chunks = results[2 * i], results[2 * i + 1]
         text = content_of(full)
         raw = token_bytes(full["choices"][0]["logprobs"]["content"])
-        eos = full["choices"][0]["finish_reason"] == "stop"    # the end-of-turn token has no entry
+        eos = full["choices"][0]["finish_reason"] == "stop"  # the end-of-turn token has no entry
         assert len(full["choices"][0]["logprobs"]["content"]) == full["usage"]["completion_tokens"] - eos
         assert text == raw.decode("utf-8", errors="replace"), seed
         deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks]
@@ -419,8 +431,9 @@ def test_multibyte_text_is_never_split(tiny_server):
         # count valid multi-byte characters whose bytes were spread over more than one token
         ends = token_ends(full["choices"][0]["logprobs"]["content"])
         _, spans = char_spans(raw)
-        split_chars += sum(1 for ch, (b0, b1) in zip(text, spans)
-                           if ch != REPLACEMENT and any(b0 < e < b1 for e in ends))
+        split_chars += sum(
+            1 for ch, (b0, b1) in zip(text, spans) if ch != REPLACEMENT and any(b0 < e < b1 for e in ends)
+        )
     # the test is only meaningful if some character really was spread over several tokens
     assert split_chars > 0
 
@@ -436,8 +449,12 @@ def test_seed_reproducible_and_distinct(client):
 
 
 def test_seeded_requests_concurrently_equal_alone(tiny_server, client):
-    jobs = [(s, [{"role": "user", "content": p}]) for s, p in
-            enumerate(["Hi", "The capital of France", "Café 😀", "def add(a, b):", "Numbers 1 2 3 " * 3, "日本語"])]
+    jobs = [
+        (s, [{"role": "user", "content": p}])
+        for s, p in enumerate(
+            ["Hi", "The capital of France", "Café 😀", "def add(a, b):", "Numbers 1 2 3 " * 3, "日本語"]
+        )
+    ]
     body = dict(temperature=1.0, top_p=0.9, max_tokens=16)
     alone = [content_of(chat(client, seed=s, messages=m, **body)) for s, m in jobs]
 
@@ -482,8 +499,9 @@ def test_logprobs_stream_matches_non_stream(client):
     body = dict(messages=EMOJI_MSGS, temperature=0, max_tokens=20, logprobs=True, top_logprobs=2)
     full = chat(client, **body)["choices"][0]["logprobs"]["content"]
     streamed = stream_logprobs(stream_events(client, **body))
-    assert [(e["token"], e["bytes"], [(t["token"], t["bytes"]) for t in e["top_logprobs"]]) for e in streamed] == \
-           [(e["token"], e["bytes"], [(t["token"], t["bytes"]) for t in e["top_logprobs"]]) for e in full]
+    assert [(e["token"], e["bytes"], [(t["token"], t["bytes"]) for t in e["top_logprobs"]]) for e in streamed] == [
+        (e["token"], e["bytes"], [(t["token"], t["bytes"]) for t in e["top_logprobs"]]) for e in full
+    ]
     assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in full], abs=1e-6)
     # no logprobs asked: none sent
     plain = stream_events(client, messages=EMOJI_MSGS, temperature=0, max_tokens=5)
@@ -492,8 +510,13 @@ def test_logprobs_stream_matches_non_stream(client):
 
 # ---------------------------------------------------------------------------------- penalties
 # a prompt on which the tiny model's greedy output loops over a few tokens
-LOOPING = dict(messages=[{"role": "user", "content": "The quick brown fox"}], temperature=0, max_tokens=40,
-               min_tokens=40, logprobs=True)
+LOOPING = dict(
+    messages=[{"role": "user", "content": "The quick brown fox"}],
+    temperature=0,
+    max_tokens=40,
+    min_tokens=40,
+    logprobs=True,
+)
 
 
 def max_repeat(r: dict) -> int:
@@ -556,9 +579,14 @@ BAD_REQUESTS = [
     ("max_tokens_0", {"messages": M, "max_tokens": 0}, "max_tokens", "invalid_value", ()),
     ("max_completion_tokens_neg", {"messages": M, "max_completion_tokens": -3}, "max_completion_tokens", "any", ()),
     ("min_tokens_neg", {"messages": M, "min_tokens": -1}, "min_tokens", "any", ()),
-    ("seed_too_big", {"messages": M, "seed": 2 ** 70}, "seed", "any", ()),
-    ("stream_options_without_stream", {"messages": M, "stream_options": {"include_usage": True}}, "stream_options",
-     "any", ()),
+    ("seed_too_big", {"messages": M, "seed": 2**70}, "seed", "any", ()),
+    (
+        "stream_options_without_stream",
+        {"messages": M, "stream_options": {"include_usage": True}},
+        "stream_options",
+        "any",
+        (),
+    ),
 ]
 
 
@@ -569,31 +597,40 @@ def test_bad_request(client, body, param, code, contains):
     assert err["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("raw", ['{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
-                                 '{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
-                                 '{"messages": [{"role": "user", "content": "x"}], "top_p": 1e400}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        '{"messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+        '{"messages": [{"role": "user", "content": "x"}], "top_p": 1e400}',
+    ],
+)
 def test_non_finite_numbers(client, raw):
     r = client.post(CHAT, content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400, code="invalid_value")
     assert r.json()["error"]["param"] in ("temperature", "top_p")
 
 
-@pytest.mark.parametrize("raw,code", [
-    (b'{"messages": [', "invalid_json"),
-    (b"", "invalid_json"),
-    (b"\xff\xfe\x00 not json", "invalid_json"),
-    (b"null", "invalid_json"),
-    (b"[1, 2, 3]", "invalid_json"),
-    (b'"a string"', "invalid_json"),
-    (b"42", "invalid_json"),
-], ids=["truncated", "empty", "binary", "null", "list", "string", "number"])
+@pytest.mark.parametrize(
+    "raw,code",
+    [
+        (b'{"messages": [', "invalid_json"),
+        (b"", "invalid_json"),
+        (b"\xff\xfe\x00 not json", "invalid_json"),
+        (b"null", "invalid_json"),
+        (b"[1, 2, 3]", "invalid_json"),
+        (b'"a string"', "invalid_json"),
+        (b"42", "invalid_json"),
+    ],
+    ids=["truncated", "empty", "binary", "null", "list", "string", "number"],
+)
 def test_invalid_json_and_non_object_bodies(client, raw, code):
     r = client.post(CHAT, content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400, code=code)
 
 
 JUNK = [
-    b"[" * 100_000 + b"]" * 100_000,                                     # nested too deep for json
+    b"[" * 100_000 + b"]" * 100_000,  # nested too deep for json
     b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
     b'{"messages": [[[]]]}',
     b'{"messages": [{"role": "user", "content": [null]}]}',
@@ -614,7 +651,7 @@ JUNK = [
     b'{"messages": null}',
     b'{"": {"": {"": []}}}',
     b'{"messages": {"0": {"role": "user", "content": "x"}}}',
-    b'\x00\x01\x02',
+    b"\x00\x01\x02",
     b'{"messages": [{"role": "user", "content": "x"}],}',
 ]
 
@@ -641,8 +678,15 @@ def test_lone_surrogate_in_content_is_a_client_error(tiny_server):
 
 
 def test_unknown_fields_are_ignored(client):
-    r = chat(client, temperature=0, max_tokens=3, user="someone", metadata={"a": 1},
-             frobnicate=[1, 2, {"x": None}], messages=[{"role": "user", "content": "hi", "extra": True}])
+    r = chat(
+        client,
+        temperature=0,
+        max_tokens=3,
+        user="someone",
+        metadata={"a": 1},
+        frobnicate=[1, 2, {"x": None}],
+        messages=[{"role": "user", "content": "hi", "extra": True}],
+    )
     plain = chat(client, temperature=0, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert content_of(r) == content_of(plain)
 
@@ -654,10 +698,9 @@ def test_context_length_exceeded_by_max_tokens(client, tiny_engine):
     err = assert_error(r, 400, param="max_tokens", code="context_length_exceeded")
     assert "256" in err["message"] and str(prompt_tokens) in err["message"]
     # the largest max_tokens that fits is accepted (read the first chunk, then hang up)
-    with client.stream("POST", CHAT, json={"messages": MSGS, "max_tokens": 256 - prompt_tokens,
-                                           "stream": True}) as r:
+    with client.stream("POST", CHAT, json={"messages": MSGS, "max_tokens": 256 - prompt_tokens, "stream": True}) as r:
         assert r.status_code == 200
-        assert json.loads(next(r.iter_lines())[len("data: "):])["choices"][0]["delta"]["role"] == "assistant"
+        assert json.loads(next(r.iter_lines())[len("data: ") :])["choices"][0]["delta"]["role"] == "assistant"
     r = client.post(CHAT, json={"messages": MSGS, "max_completion_tokens": 257 - prompt_tokens})
     assert_error(r, 400, param="max_completion_tokens", code="context_length_exceeded")
 
@@ -670,15 +713,23 @@ def test_over_long_prompt(client):
 
 
 def test_image_part_rejected_on_text_model(client):
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
-                                         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            ],
+        }
+    ]
     err = assert_error(client.post(CHAT, json={"messages": msgs}), 400)
     assert "does not accept images" in err["message"]
     assert err["param"].startswith("messages[0]")
     # text parts alone are fine, and render like the same plain string
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hello! Tell me about Paris."}]}]
-    assert content_of(chat(client, messages=parts, temperature=0, max_tokens=5)) == \
-        content_of(chat(client, temperature=0, max_tokens=5))
+    assert content_of(chat(client, messages=parts, temperature=0, max_tokens=5)) == content_of(
+        chat(client, temperature=0, max_tokens=5)
+    )
 
 
 def test_body_too_large(tiny_engine):
@@ -690,7 +741,7 @@ def test_body_too_large(tiny_engine):
         def chunks():
             data = json.dumps(big).encode()
             for i in range(0, len(data), 100):
-                yield data[i:i + 100]
+                yield data[i : i + 100]
 
         assert_error(c.post(CHAT, content=chunks(), headers={"content-type": "application/json"}), 413)
         # a small body on the same server is fine
@@ -731,8 +782,13 @@ def test_model_without_chat_template(tiny_model_no_template_dir):
 def test_api_key(tiny_engine):
     with serve_engine(tiny_engine, api_key="sekret") as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
         body = {"messages": MSGS, "max_tokens": 2}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"},
-                        {"Authorization": "Basic sekret"}, {"Authorization": "Bearer sekret2"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "sekret"},
+            {"Authorization": "Basic sekret"},
+            {"Authorization": "Bearer sekret2"},
+        ):
             err = assert_error(c.post(CHAT, json=body, headers=headers), 401)
             assert err["type"] == "authentication_error"
             assert_error(c.get("/v1/models", headers=headers), 401)
@@ -777,14 +833,15 @@ def test_stream_client_disconnect_aborts_generation(tiny_server, tiny_engine, cl
 
 
 def test_non_stream_client_disconnect_aborts_generation(tiny_model_dir):
-    engine = slowed(make_engine(tiny_model_dir))     # 150 tokens take >= 3 s
+    engine = slowed(make_engine(tiny_model_dir))  # 150 tokens take >= 3 s
     try:
         with serve_engine(engine) as srv:
             with httpx.Client(base_url=srv.base_url, timeout=httpx.Timeout(60, read=0.3)) as impatient:
                 with pytest.raises(httpx.ReadTimeout):
                     impatient.post(CHAT, json={"messages": MSGS, "max_tokens": 150, "min_tokens": 150})
-            wait_for(lambda: engine.stats["finished_abort"] + engine.stats["finished_length"] >= 1,
-                     what="the request to end")
+            wait_for(
+                lambda: engine.stats["finished_abort"] + engine.stats["finished_length"] >= 1, what="the request to end"
+            )
             assert engine.stats["finished_abort"] == 1 and engine.stats["finished_length"] == 0
     finally:
         engine.stop()
@@ -797,7 +854,7 @@ def test_queued_request_is_dropped_when_its_client_leaves(tiny_model_dir):
             long = {"messages": MSGS, "max_tokens": 150, "min_tokens": 150, "stream": True}
             with c.stream("POST", CHAT, json=long) as blocker:
                 assert blocker.status_code == 200
-                blocker_lines = blocker.iter_lines()   # keep a reference: a dropped iterator closes the stream
+                blocker_lines = blocker.iter_lines()  # keep a reference: a dropped iterator closes the stream
                 next_data(blocker_lines)
                 with httpx.Client(base_url=srv.base_url, timeout=httpx.Timeout(60, read=0.3)) as impatient:
                     with pytest.raises(httpx.ReadTimeout):
@@ -806,7 +863,7 @@ def test_queued_request_is_dropped_when_its_client_leaves(tiny_model_dir):
                 # the blocker runs >= 3 s more; the queued request should go well before that
                 wait_for(lambda: engine.num_waiting == 0, timeout=2.0, what="the queued request to be dropped")
                 assert engine.stats["finished_abort"] == 1 and engine.num_running == 1
-                assert next_data(blocker_lines)   # the blocker is still streaming
+                assert next_data(blocker_lines)  # the blocker is still streaming
     finally:
         engine.stop()
 
@@ -820,12 +877,13 @@ def test_concurrent_requests_queue_and_match_alone(tiny_model_dir):
             with httpx.Client(base_url=srv.base_url, timeout=60) as c:
                 alone = [content_of(chat(c, messages=[{"role": "user", "content": p}], **body)) for p in prompts]
             steps, rows = engine.stats["decode_steps"], engine.stats["decode_rows"]
-            together = concurrently(srv.base_url, lambda c: [
-                achat(c, messages=[{"role": "user", "content": p}], **body) for p in prompts])
+            together = concurrently(
+                srv.base_url, lambda c: [achat(c, messages=[{"role": "user", "content": p}], **body) for p in prompts]
+            )
             assert [content_of(r) for r in together] == alone
             assert engine.stats["finished_length"] + engine.stats["finished_stop"] == 12
             steps, rows = engine.stats["decode_steps"] - steps, engine.stats["decode_rows"] - rows
-            assert steps < rows <= 2 * steps   # they really overlapped, never more than 2 rows at once
+            assert steps < rows <= 2 * steps  # they really overlapped, never more than 2 rows at once
     finally:
         engine.stop()
 
@@ -837,13 +895,16 @@ def test_overloaded_gives_429(tiny_model_dir):
             long = {"messages": MSGS, "max_tokens": 200, "min_tokens": 200, "stream": True}
             with c.stream("POST", CHAT, json=long) as running:
                 assert running.status_code == 200
-                running_lines = running.iter_lines()   # keep a reference: a dropped iterator closes the stream
+                running_lines = running.iter_lines()  # keep a reference: a dropped iterator closes the stream
                 next_data(running_lines)
                 with ThreadPoolExecutor(1) as pool:
+
                     def waiter():
                         with httpx.Client(base_url=srv.base_url, timeout=60) as c2:
                             with c2.stream("POST", CHAT, json=long) as r:
-                                assert json.loads(next_data(r.iter_lines()))["choices"][0]["delta"]["role"] == "assistant"
+                                assert (
+                                    json.loads(next_data(r.iter_lines()))["choices"][0]["delta"]["role"] == "assistant"
+                                )
                                 return r.status_code
 
                     queued = pool.submit(waiter)
@@ -852,7 +913,7 @@ def test_overloaded_gives_429(tiny_model_dir):
                     assert_error(r, 429, code="server_overloaded")
                     assert engine.num_running == 1 and engine.num_waiting == 1
                     assert int(r.headers["Retry-After"]) >= 1
-                    running.close()      # the running stream goes away; the queued one starts
+                    running.close()  # the running stream goes away; the queued one starts
                     assert queued.result(timeout=30) == 200
             wait_for(lambda: engine.num_running == 0 and engine.num_waiting == 0, what="an idle engine")
             assert chat(c, max_tokens=2)["choices"][0]["finish_reason"] in ("stop", "length")
@@ -867,13 +928,13 @@ def test_queue_timeout_gives_503(tiny_model_dir):
             long = {"messages": MSGS, "max_tokens": 200, "min_tokens": 200, "stream": True}
             with c.stream("POST", CHAT, json=long) as running:
                 assert running.status_code == 200
-                running_lines = running.iter_lines()   # keep a reference: a dropped iterator closes the stream
+                running_lines = running.iter_lines()  # keep a reference: a dropped iterator closes the stream
                 next_data(running_lines)
                 with httpx.Client(base_url=srv.base_url, timeout=60) as c2:
                     r = c2.post(CHAT, json={"messages": MSGS, "max_tokens": 2})
                 assert_error(r, 503, code="queue_timeout")
                 assert int(r.headers["Retry-After"]) >= 1
-                assert next_data(running_lines)   # the long stream was still going
+                assert next_data(running_lines)  # the long stream was still going
     finally:
         engine.stop()
 
@@ -885,15 +946,14 @@ def test_logit_bias_forces_and_bans_tokens(client, tiny_engine):
     forced = chat(client, temperature=0, max_tokens=6, min_tokens=6, logit_bias={str(a): 100})
     assert content_of(forced) == "a" * 6 != content_of(plain)
     # -100 bans: with "a" banned and "b" pushed, "b" wins, also under sampling
-    swapped = chat(client, temperature=1.0, seed=3, max_tokens=6, min_tokens=6,
-                   logit_bias={str(a): -100, str(b): 100})
+    swapped = chat(client, temperature=1.0, seed=3, max_tokens=6, min_tokens=6, logit_bias={str(a): -100, str(b): 100})
     assert content_of(swapped) == "b" * 6
     for bad in ({"x": 1}, {"999999": 1}, {"5": 101}):
         assert_error(client.post(CHAT, json={"messages": MSGS, "logit_bias": bad}), 400)
 
 
 def test_a_prompt_the_kv_pool_can_never_hold_is_a_400_and_health_reports_the_pool(tiny_model_dir):
-    eng = make_engine(tiny_model_dir, kv_cache_blocks=5)            # 4 blocks of 16 tokens
+    eng = make_engine(tiny_model_dir, kv_cache_blocks=5)  # 4 blocks of 16 tokens
     try:
         with serve_engine(eng) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
             long = [{"role": "user", "content": " ".join(["Tell me about Paris."] * 20)}]

@@ -3,6 +3,7 @@ server keeps it (checked directly, then fuzzed with schemathesis), 405s that nam
 methods, `content: []` refused, a queue timeout's Retry-After, the body read timeout (408), and a
 hypothesis property of the validation layer. The fuzzers live in tests/fuzz_long.py, which also
 runs them for longer."""
+
 from __future__ import annotations
 
 import json
@@ -11,10 +12,8 @@ import time
 
 import httpx
 import pytest
-
 from conftest import make_engine, serve_engine
-from fuzz_long import (OPERATIONS, check_event_stream, doc_validator, load_schema, run_schema_fuzz,
-                       run_validation_fuzz)
+from fuzz_long import OPERATIONS, check_event_stream, doc_validator, load_schema, run_schema_fuzz, run_validation_fuzz
 from test_api import CHAT, MSGS, assert_error, chat, content_of, next_data, slowed
 from test_cli import settings
 
@@ -28,7 +27,7 @@ def allowed(r: httpx.Response) -> set[str]:
 def resolve(doc: dict, schema: dict) -> dict:
     while "$ref" in schema:
         assert schema["$ref"].startswith(REF), schema
-        schema = doc["components"]["schemas"][schema["$ref"][len(REF):]]
+        schema = doc["components"]["schemas"][schema["$ref"][len(REF) :]]
     return schema
 
 
@@ -49,13 +48,16 @@ def doc(tiny_server) -> dict:
 
 
 # ---------------------------------------------------------------------------------- 405
-@pytest.mark.parametrize("method,path,allow", [
-    ("GET", CHAT, {"POST"}),
-    ("PUT", CHAT, {"POST"}),
-    ("POST", "/v1/models", {"GET"}),
-    ("DELETE", "/v1/models/some-model", {"GET"}),
-    ("POST", "/health", {"GET"}),
-])
+@pytest.mark.parametrize(
+    "method,path,allow",
+    [
+        ("GET", CHAT, {"POST"}),
+        ("PUT", CHAT, {"POST"}),
+        ("POST", "/v1/models", {"GET"}),
+        ("DELETE", "/v1/models/some-model", {"GET"}),
+        ("POST", "/health", {"GET"}),
+    ],
+)
 def test_405_names_the_allowed_methods(client, method, path, allow):
     r = client.request(method, path)
     err = assert_error(r, 405, code="method_not_allowed", contains=(method, path))
@@ -66,6 +68,7 @@ def test_405_names_the_allowed_methods(client, method, path, allow):
 # ---------------------------------------------------------------------------------- /openapi.json
 def test_openapi_chat_request_body_is_the_wire_model(doc):
     from server.protocol import ChatCompletionRequest
+
     body = doc["paths"][CHAT]["post"]["requestBody"]
     assert body["required"] is True and list(body["content"]) == ["application/json"]
     schema = resolve(doc, body["content"]["application/json"]["schema"])
@@ -110,11 +113,12 @@ def test_openapi_responses_name_their_models(doc):
 
 def test_openapi_document_is_valid_and_every_ref_resolves(doc):
     from openapi_spec_validator import validate
+
     validate(doc)
     refs = refs_in(doc)
     assert REF + "Message" in refs and REF + "ChatCompletionChunk" in refs
     for ref in refs:
-        assert ref.startswith(REF) and ref[len(REF):] in doc["components"]["schemas"], ref
+        assert ref.startswith(REF) and ref[len(REF) :] in doc["components"]["schemas"], ref
 
 
 def test_real_responses_match_the_documented_schemas(client, doc):
@@ -125,11 +129,14 @@ def test_real_responses_match_the_documented_schemas(client, doc):
     doc_validator(doc, "ErrorResponse").validate(error.json())
     doc_validator(doc, "ModelList").validate(client.get("/v1/models").json())
     doc_validator(doc, "Health").validate(client.get("/health").json())
-    with client.stream("POST", CHAT, json={"messages": MSGS, "max_tokens": 3, "stream": True,
-                                           "stream_options": {"include_usage": True}}) as r:
+    with client.stream(
+        "POST",
+        CHAT,
+        json={"messages": MSGS, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.status_code == 200
         text = r.read().decode()
-    assert check_event_stream(doc, text) >= 3      # role chunk, >= 1 text chunk, usage chunk
+    assert check_event_stream(doc, text) >= 3  # role chunk, >= 1 text chunk, usage chunk
     # and the stream check notices a chunk that breaks the schema
     with pytest.raises(Exception, match="chat.completion.chunk"):
         check_event_stream(doc, text.replace('"object":"chat.completion.chunk"', '"object":"list"', 1))
@@ -137,7 +144,7 @@ def test_real_responses_match_the_documented_schemas(client, doc):
 
 def test_openapi_declares_bearer_auth_when_a_key_is_required(tiny_engine):
     with serve_engine(tiny_engine, api_key="sekret") as srv:
-        doc = httpx.get(srv.base_url + "/openapi.json", timeout=60).json()   # readable without the key
+        doc = httpx.get(srv.base_url + "/openapi.json", timeout=60).json()  # readable without the key
     assert doc["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
     assert doc["paths"][CHAT]["post"]["security"] == [{"bearer": []}]
     assert doc["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
@@ -145,11 +152,14 @@ def test_openapi_declares_bearer_auth_when_a_key_is_required(tiny_engine):
 
 
 # ---------------------------------------------------------------------------------- content: []
-@pytest.mark.parametrize("messages,param", [
-    ([{"role": "user", "content": []}], "messages[0].content"),
-    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": []}], "messages[1].content"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}], "messages[1].content"),
-])
+@pytest.mark.parametrize(
+    "messages,param",
+    [
+        ([{"role": "user", "content": []}], "messages[0].content"),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": []}], "messages[1].content"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}], "messages[1].content"),
+    ],
+)
 def test_an_empty_content_list_is_refused(client, messages, param):
     err = assert_error(client.post(CHAT, json={"messages": messages}), 400, param=param, code="invalid_value")
     assert "empty" in err["message"] and param in err["message"]
@@ -157,8 +167,9 @@ def test_an_empty_content_list_is_refused(client, messages, param):
 
 def test_content_of_empty_text_parts_is_accepted(client):
     # one empty part renders like an empty string (several parts are joined with newlines)
-    part = chat(client, temperature=0, max_tokens=4,
-                messages=[{"role": "user", "content": [{"type": "text", "text": ""}]}])
+    part = chat(
+        client, temperature=0, max_tokens=4, messages=[{"role": "user", "content": [{"type": "text", "text": ""}]}]
+    )
     plain = chat(client, temperature=0, max_tokens=4, messages=[{"role": "user", "content": ""}])
     assert content_of(part) == content_of(plain)
     assert part["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
@@ -169,19 +180,19 @@ def test_content_of_empty_text_parts_is_accepted(client):
 # ---------------------------------------------------------------------------------- Retry-After
 def test_queue_timeout_retry_after_follows_the_configured_timeout(tiny_model_dir):
     # 1.5 s in the queue: Retry-After is the timeout rounded up to whole seconds (not a fixed 5)
-    engine = slowed(make_engine(tiny_model_dir, max_running=1, queue_timeout=1.5))   # the blocker stays busy
+    engine = slowed(make_engine(tiny_model_dir, max_running=1, queue_timeout=1.5))  # the blocker stays busy
     try:
         with serve_engine(engine) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
             long = {"messages": MSGS, "max_tokens": 200, "min_tokens": 200, "stream": True}
             with c.stream("POST", CHAT, json=long) as running:
                 assert running.status_code == 200
-                running_lines = running.iter_lines()   # keep a reference: a dropped iterator closes the stream
+                running_lines = running.iter_lines()  # keep a reference: a dropped iterator closes the stream
                 next_data(running_lines)
                 with httpx.Client(base_url=srv.base_url, timeout=60) as c2:
                     r = c2.post(CHAT, json={"messages": MSGS, "max_tokens": 2})
                 assert_error(r, 503, code="queue_timeout")
                 assert r.headers["Retry-After"] == "2"
-                assert next_data(running_lines)       # the blocker was still running all along
+                assert next_data(running_lines)  # the blocker was still running all along
     finally:
         engine.stop()
 
@@ -195,28 +206,33 @@ def read_http_response(sock: socket.socket, trickle: bytes) -> tuple[bytes, int]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if sent < len(trickle) and not received:
-            sock.sendall(trickle[sent:sent + 1])
+            sock.sendall(trickle[sent : sent + 1])
             sent += 1
         try:
             data = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
-        if not data:          # the server closed the connection
+        if not data:  # the server closed the connection
             return received, sent
         received += data
     raise AssertionError(f"no complete answer in 60 s; got {received!r}")
 
 
-@pytest.mark.parametrize("trickle", [b'{"messages": [{"role": "user", "content": "' + b"x" * 200 + b'"}]}', b""],
-                         ids=["one_byte_at_a_time", "nothing_after_the_headers"])
+@pytest.mark.parametrize(
+    "trickle",
+    [b'{"messages": [{"role": "user", "content": "' + b"x" * 200 + b'"}]}', b""],
+    ids=["one_byte_at_a_time", "nothing_after_the_headers"],
+)
 def test_a_slow_body_gets_a_408_and_the_connection_is_closed(tiny_engine, trickle):
     length = len(trickle) or 100
     with serve_engine(tiny_engine, body_read_timeout=0.5) as srv:
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-            sock.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {length}\r\n\r\n".encode())
+            sock.sendall(
+                f"POST {CHAT} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {length}\r\n\r\n".encode()
+            )
             raw, sent = read_http_response(sock, trickle)
-        assert sent < length                      # the answer came while the body was still arriving
+        assert sent < length  # the answer came while the body was still arriving
         head, _, body = raw.partition(b"\r\n\r\n")
         status_line, *header_lines = head.decode().split("\r\n")
         assert status_line.startswith("HTTP/1.1 408 "), status_line
@@ -231,6 +247,7 @@ def test_a_slow_body_gets_a_408_and_the_connection_is_closed(tiny_engine, trickl
 
 def test_body_read_timeout_setting():
     from server.app import BODY_READ_TIMEOUT
+
     assert settings([])["body_read_timeout"] == BODY_READ_TIMEOUT == 30.0
     assert settings(["--body-read-timeout", "2.5"])["body_read_timeout"] == 2.5
 
@@ -253,10 +270,9 @@ def api_schema(tiny_server):
 
 @pytest.mark.parametrize("label", OPERATIONS)
 def test_schemathesis_finds_no_5xx_and_no_undocumented_response(api_schema, tiny_server, tiny_engine, label):
-    statuses = run_schema_fuzz(api_schema, label, tiny_server.base_url, model_name=tiny_engine.model_name,
-                               examples=30)
+    statuses = run_schema_fuzz(api_schema, label, tiny_server.base_url, model_name=tiny_engine.model_name, examples=30)
     assert not any(s.startswith("5") for s in statuses), statuses
-    if label == "POST /v1/chat/completions":    # steering gets generated requests past validation
+    if label == "POST /v1/chat/completions":  # steering gets generated requests past validation
         # (which of the 200s stream depends on the generated data, which moves with the schema: any mix will do)
         assert statuses["200"] + statuses["200 stream"] >= 3 and statuses["400"] >= 3, statuses
     elif label == "GET /v1/models/{model_id}":
@@ -264,8 +280,14 @@ def test_schemathesis_finds_no_5xx_and_no_undocumented_response(api_schema, tiny
 
 
 def test_schemathesis_bodies_that_break_the_schema_are_all_refused(api_schema, tiny_server, tiny_engine):
-    statuses = run_schema_fuzz(api_schema, "POST /v1/chat/completions", tiny_server.base_url,
-                               model_name=tiny_engine.model_name, examples=30, negative=True)
+    statuses = run_schema_fuzz(
+        api_schema,
+        "POST /v1/chat/completions",
+        tiny_server.base_url,
+        model_name=tiny_engine.model_name,
+        examples=30,
+        negative=True,
+    )
     assert set(statuses) == {"400"}, statuses
 
 
@@ -273,8 +295,12 @@ def test_schemathesis_bodies_that_break_the_schema_are_all_refused(api_schema, t
 def test_json_schema_of_an_empty_schema_is_constrained_as_a_json_object(client):
     """{} allows any JSON value; outlines took over the 10 s compile timeout for it, so a valid
     request got a 400 "schema too complex". A JSON object satisfies {}: it now decodes as json_object."""
-    any_json = chat(client, temperature=0, max_tokens=120,
-                    response_format={"type": "json_schema", "json_schema": {"name": "anything", "schema": {}}})
+    any_json = chat(
+        client,
+        temperature=0,
+        max_tokens=120,
+        response_format={"type": "json_schema", "json_schema": {"name": "anything", "schema": {}}},
+    )
     obj = chat(client, temperature=0, max_tokens=120, response_format={"type": "json_object"})
     assert isinstance(json.loads(content_of(any_json)), dict)
     assert content_of(any_json) == content_of(obj)

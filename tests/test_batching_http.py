@@ -1,4 +1,5 @@
 """Continuous batching seen from HTTP: many concurrent streams, disconnects, admission limits."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,15 +8,21 @@ import time
 
 import httpx
 import pytest
-
 from conftest import make_engine, serve_engine
 
 MSG = [{"role": "user", "content": "Tell me a story"}]
 
 
 def _payload(max_tokens, stream=True, **kw):
-    return {"messages": MSG, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "stream": stream,
-            **({"stream_options": {"include_usage": True}} if stream else {}), **kw}
+    return {
+        "messages": MSG,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+        **kw,
+    }
 
 
 async def _stream(client, max_tokens, stop_after=None):
@@ -46,6 +53,7 @@ def engine32(tiny_model_dir):
 
 def test_32_streams_complete_and_10_disconnects_free_their_rows(engine32):
     with serve_engine(engine32) as srv:
+
         async def scenario():
             limits = httpx.Limits(max_connections=64)
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=120, limits=limits) as client:
@@ -56,7 +64,7 @@ def test_32_streams_complete_and_10_disconnects_free_their_rows(engine32):
         results = asyncio.run(scenario())
     assert sorted(r[0] for r in results) == ["done"] * 22 + ["hung up"] * 10
     assert all(r[1] == 120 for r in results if r[0] == "done")
-    assert engine32.stats["finished_abort"] - before == 10   # the 10 rows were aborted, not run to the end
+    assert engine32.stats["finished_abort"] - before == 10  # the 10 rows were aborted, not run to the end
     deadline = time.monotonic() + 10
     while engine32.num_running and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -67,10 +75,13 @@ def test_overload_burst_gets_429_with_retry_after(tiny_model_dir):
     small = make_engine(tiny_model_dir, max_running=2, max_waiting=2)
     try:
         with serve_engine(small) as srv:
+
             async def burst():
                 async with httpx.AsyncClient(base_url=srv.base_url, timeout=120) as client:
-                    return await asyncio.gather(*[client.post("/v1/chat/completions", json=_payload(200, stream=False))
-                                                  for _ in range(10)])
+                    return await asyncio.gather(
+                        *[client.post("/v1/chat/completions", json=_payload(200, stream=False)) for _ in range(10)]
+                    )
+
             responses = asyncio.run(burst())
     finally:
         small.stop()

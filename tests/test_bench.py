@@ -116,8 +116,15 @@ def test_closed_loop_counts(fake_server):
     seen.clear()
     s = asyncio.run(
         bench.run_load(
-            base, MODEL, concurrency=4, num_requests=n, max_tokens=8, prompts=prompts,
-            api_key=API_KEY, ignore_eos=True, warmup=1,
+            base,
+            MODEL,
+            concurrency=4,
+            num_requests=n,
+            max_tokens=8,
+            prompts=prompts,
+            api_key=API_KEY,
+            ignore_eos=True,
+            warmup=1,
         )
     )
     assert len(seen) == n + 1  # + the warmup
@@ -172,9 +179,7 @@ def test_unreachable_server_counts_failures():
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]  # nothing listens once closed
-    s = asyncio.run(
-        bench.run_load(f"http://127.0.0.1:{port}/v1", MODEL, 2, 3, 8, ["hi"], timeout=5)
-    )
+    s = asyncio.run(bench.run_load(f"http://127.0.0.1:{port}/v1", MODEL, 2, 3, 8, ["hi"], timeout=5))
     assert s["ok"] == 0 and s["failed"] == 3
     assert s["failed_by_status"] == {"ConnectError": 3}
     assert s["output_throughput"] == 0
@@ -189,8 +194,21 @@ def test_cli_writes_json_and_png(fake_server, tmp_path, monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(
-        ["--base-url", base, "--concurrency", "1,3", "--num-requests", "6", "--max-tokens", "8",
-         "--prompt-file", str(prompt_file), "--output", str(out), "--no-progress"]
+        [
+            "--base-url",
+            base,
+            "--concurrency",
+            "1,3",
+            "--num-requests",
+            "6",
+            "--max-tokens",
+            "8",
+            "--prompt-file",
+            str(prompt_file),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
     )
     seen.clear()
     assert bench.run(args) == 0
@@ -216,8 +234,9 @@ def test_request_rate_rejects_concurrency_list(fake_server, tmp_path, capsys):
     base, _ = fake_server
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--base-url", base, "--request-rate", "5", "--concurrency", "1,2",
-                              "--output", str(tmp_path / "x.json")])
+    args = parser.parse_args(
+        ["--base-url", base, "--request-rate", "5", "--concurrency", "1,2", "--output", str(tmp_path / "x.json")]
+    )
     assert bench.run(args) == 2
     assert not (tmp_path / "x.json").exists()
 
@@ -230,6 +249,10 @@ def test_percentile_matches_linear_interpolation():
 
 
 def test_no_torch_or_engine_import():
-    code = "import sys, server.bench; bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'engine'))]; print(bad); sys.exit(bool(bad))"
+    code = (
+        "import sys, server.bench; "
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'engine'))]; "
+        "print(bad); sys.exit(bool(bad))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

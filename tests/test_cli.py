@@ -1,4 +1,5 @@
 """`chatserve serve` settings: defaults <- --config YAML <- command-line flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,8 @@ def test_flags_override_the_config_file(tmp_path):
     cfg = tmp_path / "preset.yaml"
     cfg.write_text("kv-cache-gb: 0.5\nmax_running: 8\npacked: true\n")
     s = settings(["--config", str(cfg), "--max-running", "4", "--no-packed"])
-    assert s["kv_cache_gb"] == 0.5               # from the file
-    assert s["max_running"] == 4                 # the flag wins
+    assert s["kv_cache_gb"] == 0.5  # from the file
+    assert s["max_running"] == 4  # the flag wins
     assert s["packed"] is False
     assert settings(["--no-prefix-cache"])["prefix_cache"] is False
 

@@ -11,6 +11,7 @@ Schemas, on the tiny 400-token tokenizer (timings measured on a loaded 2-core ma
   long_strings(2000): three strings of maxLength 2000 -> 54k automaton states, ~4.5 M
     transitions: within the default budget for a 400-token vocabulary, ~4-5 s to compile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,18 +23,26 @@ import httpx
 import jsonschema
 import psutil
 import pytest
-
 from conftest import make_engine, serve_engine
-from engine.constraints.compile_worker import CompilePool
-from engine.constraints import ConstraintBusy, ConstraintCompiler, ConstraintLimits, ConstraintTooComplex
-from engine.request import ConstraintSpec
-from server.cli import _configure_constraints, _serve_parser, resolve_serve_args
 from tiny_models import build_tokenizer
 
-SMALL = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
-         "required": ["name", "n"], "additionalProperties": False}
-OTHER = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "b"]}},
-         "required": ["ok", "tag"], "additionalProperties": False}
+from engine.constraints import ConstraintBusy, ConstraintCompiler, ConstraintLimits, ConstraintTooComplex
+from engine.constraints.compile_worker import CompilePool
+from engine.request import ConstraintSpec
+from server.cli import _configure_constraints, _serve_parser, resolve_serve_args
+
+SMALL = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+    "required": ["name", "n"],
+    "additionalProperties": False,
+}
+OTHER = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "b"]}},
+    "required": ["ok", "tag"],
+    "additionalProperties": False,
+}
 
 
 def optional_props(n: int) -> dict:
@@ -41,8 +50,11 @@ def optional_props(n: int) -> dict:
 
 
 def long_strings(n: int) -> dict:
-    return {"type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": n} for i in range(3)},
-            "required": ["k0", "k1", "k2"]}
+    return {
+        "type": "object",
+        "properties": {f"k{i}": {"type": "string", "maxLength": n} for i in range(3)},
+        "required": ["k0", "k1", "k2"],
+    }
 
 
 def spec(schema) -> ConstraintSpec:
@@ -75,7 +87,7 @@ def settle(pool: CompilePool, timeout: float = 10.0) -> None:
 
 
 def assert_worker_gone(pid: int) -> None:
-    if psutil.pid_exists(pid):      # reaped at once; a zombie would also mean not running
+    if psutil.pid_exists(pid):  # reaped at once; a zombie would also mean not running
         assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
@@ -106,7 +118,7 @@ def assert_idle(pool: CompilePool, parent_max: float = 0.5, window: float = 1.0)
 # ------------------------------------------------------------------------------- budget
 def test_optional_properties_over_the_regex_budget_are_refused_fast(tok, pool):
     cc = ConstraintCompiler(tok, pool=pool)
-    cc.compile(spec(SMALL))                      # worker warm, vocabulary loaded
+    cc.compile(spec(SMALL))  # worker warm, vocabulary loaded
     pid = pool.pids()["idle"][0]
     t0 = time.perf_counter()
     with pytest.raises(ConstraintTooComplex) as ei:
@@ -125,7 +137,7 @@ def test_optional_properties_over_the_regex_budget_are_refused_fast(tok, pool):
 def test_state_and_transition_budgets_name_their_limit(tok, pool):
     cc = ConstraintCompiler(tok, pool=pool, limits=ConstraintLimits(max_states=1000))
     with pytest.raises(ConstraintTooComplex) as ei:
-        cc.compile(spec(long_strings(60)), timeout=30)      # 1,659 states
+        cc.compile(spec(long_strings(60)), timeout=30)  # 1,659 states
     assert "automaton of 1,659 states; the limit is 1,000" in str(ei.value)
     assert "--max-constraint-states" in str(ei.value)
 
@@ -152,8 +164,9 @@ def test_tool_set_budget_names_the_tool(tok, pool):
     assert "the tool set compiles to a regex" in msg
     assert "parameters schema of tool 'big': 120 properties, none required" in msg
     # only the chosen tool is compiled: the small one alone is fine
-    c = cc.compile(ConstraintSpec(kind="tools", tools=tools, tool_choice={"type": "function",
-                                                                          "function": {"name": "small"}}))
+    c = cc.compile(
+        ConstraintSpec(kind="tools", tools=tools, tool_choice={"type": "function", "function": {"name": "small"}})
+    )
     assert c.tool_names == ("small",)
 
 
@@ -164,15 +177,18 @@ def test_ordinary_schemas_are_within_the_default_budget(tok, pool):
         optional_props(30),
         {"type": "object", "properties": {"e": {"enum": [f"value_{i}" for i in range(300)]}}, "required": ["e"]},
         {"type": "array", "items": {"type": "integer"}, "maxItems": 50},
-        {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(100)},
-         "required": [f"p{i}" for i in range(100)]},
+        {
+            "type": "object",
+            "properties": {f"p{i}": {"type": "integer"} for i in range(100)},
+            "required": [f"p{i}" for i in range(100)],
+        },
     ]
     for schema in ordinary:
         c = cc.compile(spec(schema), timeout=60)
         assert c.compile_stats["states"] > 0
     many = [{"name": f"tool_{i}", "parameters": SMALL} for i in range(12)]
     cc.compile(ConstraintSpec(kind="tools", tools=many, tool_choice="auto"), timeout=60)
-    cc.compile(ConstraintSpec(kind="json_object"), timeout=120)      # the server's regex: no budget
+    cc.compile(ConstraintSpec(kind="json_object"), timeout=120)  # the server's regex: no budget
     assert pool.info()["killed"] == 0 and pool.info()["died"] == 0
 
 
@@ -234,7 +250,7 @@ def test_busy_compiler_is_reported_as_busy(tok, pool):
     t = threading.Thread(target=slow)
     t.start()
     time.sleep(0.3)
-    with pytest.raises(ConstraintBusy) as ei:          # the only worker is taken
+    with pytest.raises(ConstraintBusy) as ei:  # the only worker is taken
         cc.compile(spec(OTHER), timeout=0.3)
     assert ei.value.retry_after == 1 and "busy" in str(ei.value)
     t.join(30)
@@ -248,7 +264,7 @@ def test_worker_memory_limit(tok):
     try:
         cc = ConstraintCompiler(tok, pool=pool, limits=ConstraintLimits(max_regex_chars=0))
         nested = {"type": "string"}
-        for depth in range(4):      # 140 KB of schema, a 117 M character regex
+        for depth in range(4):  # 140 KB of schema, a 117 M character regex
             nested = {"type": "object", "properties": {f"p{depth}_{i}": nested for i in range(8)}}
         with pytest.raises(ConstraintTooComplex) as ei:
             cc.compile(spec(nested), timeout=60)
@@ -269,9 +285,16 @@ def engine(tiny_model_dir):
 
 
 def chat(client, schema, **kw):
-    return client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "temperature": 0,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}, **kw})
+    return client.post(
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 40,
+            "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+            **kw,
+        },
+    )
 
 
 def test_http_timeout_kills_the_compile_and_the_server_carries_on(engine):
@@ -316,11 +339,29 @@ def test_cli_flags_reach_the_compiler(tok):
     _serve_parser(p)
     s = resolve_serve_args(p.parse_args([]))
     assert (s["compile_timeout"], s["compile_workers"], s["compile_memory_gb"]) == (10.0, 2, 4.0)
-    assert (s["max_constraint_regex"], s["max_constraint_states"], s["max_constraint_transitions"]) == \
-        (100_000, None, 10_000_000)
-    s = resolve_serve_args(p.parse_args(["--compile-timeout", "2.5", "--compile-workers", "3",
-                                         "--compile-memory-gb", "1", "--max-constraint-regex", "5000",
-                                         "--max-constraint-states", "0", "--max-constraint-transitions", "7"]))
+    assert (s["max_constraint_regex"], s["max_constraint_states"], s["max_constraint_transitions"]) == (
+        100_000,
+        None,
+        10_000_000,
+    )
+    s = resolve_serve_args(
+        p.parse_args(
+            [
+                "--compile-timeout",
+                "2.5",
+                "--compile-workers",
+                "3",
+                "--compile-memory-gb",
+                "1",
+                "--max-constraint-regex",
+                "5000",
+                "--max-constraint-states",
+                "0",
+                "--max-constraint-transitions",
+                "7",
+            ]
+        )
+    )
     pool = CompilePool(max_workers=1)
     try:
         fake = argparse.Namespace(constraints=ConstraintCompiler(tok, pool=pool))
@@ -329,7 +370,7 @@ def test_cli_flags_reach_the_compiler(tok):
         assert (lim.max_regex_chars, lim.states_for(400), lim.max_transitions) == (5000, None, 7)
         assert pool.max_workers == 3 and pool.memory_limit == 1 << 30
         assert s["compile_timeout"] == 2.5
-        settle(pool)                      # the json_object prewarm
+        settle(pool)  # the json_object prewarm
         assert fake.constraints.cache_info()["size"] == 1
     finally:
         pool.close()

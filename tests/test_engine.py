@@ -1,17 +1,26 @@
 """Engine API tests on the tiny model: batching, per-row parameters, cancellation, admission."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-
 from conftest import make_engine
+
 from engine.detokenize import IncrementalDetokenizer, StopStringMatcher
 from engine.request import GenerationRequest, SamplingParams
 from engine.scheduler import EngineOverloaded
 
-PROMPTS = ["Hello there", "The capital of France", "Tell me about emoji 😀🎉", "def add(a, b):",
-           "Numbers 1 2 3", "Café au lait", "日本語", "The quick brown fox"]
+PROMPTS = [
+    "Hello there",
+    "The capital of France",
+    "Tell me about emoji 😀🎉",
+    "def add(a, b):",
+    "Numbers 1 2 3",
+    "Café au lait",
+    "日本語",
+    "The quick brown fox",
+]
 
 
 def prompt_ids(engine, text: str) -> list[int]:
@@ -33,7 +42,7 @@ def result(events):
 def engine(request, tiny_model_dir):
     # packed: prompt chunks ride in the decode forward (engine/packed.py); unpacked: the fallback
     eng = make_engine(tiny_model_dir, max_running=32, max_waiting=64, packed=request.param)
-    assert eng.packed == request.param   # the packed self-test passes on the tiny Llama
+    assert eng.packed == request.param  # the packed self-test passes on the tiny Llama
     yield eng
     eng.stop()
 
@@ -41,19 +50,21 @@ def engine(request, tiny_model_dir):
 def test_packed_steps_give_the_tokens_of_plain_generate(tiny_model_dir):
     """Engine greedy output (prefill chunked and packed with a decode row) == model.generate."""
     import torch
+
     eng = make_engine(tiny_model_dir, prefill_chunk=5)
     try:
         ids = prompt_ids(eng, "The quick brown fox")
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
-        async def two():   # a second request decodes while this one's prompt is prefilled in chunks
-            return await asyncio.gather(collect(eng, prompt_ids(eng, "Hello there"), params, "other"),
-                                        collect(eng, ids, params, "target"))
+        async def two():  # a second request decodes while this one's prompt is prefilled in chunks
+            return await asyncio.gather(
+                collect(eng, prompt_ids(eng, "Hello there"), params, "other"), collect(eng, ids, params, "target")
+            )
 
         got = result(asyncio.run(two())[1])[1]
         with torch.inference_mode():
             ref = eng.model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-        assert got == ref[0, len(ids):].tolist()
+        assert got == ref[0, len(ids) :].tolist()
     finally:
         eng.stop()
 
@@ -65,16 +76,21 @@ def test_greedy_alone_equals_inside_a_mixed_batch_of_16(engine):
 
     async def batch():
         jobs = [collect(engine, target, greedy, "target")]
-        for i in range(15):   # other rows: different lengths, samplers, stops, limits
-            p = SamplingParams(temperature=[0, 0.7, 1.3][i % 3], top_p=[1.0, 0.9][i % 2], seed=i,
-                               max_tokens=5 + 3 * i, stop=["e"] if i % 4 == 0 else [],
-                               frequency_penalty=0.5 if i % 5 == 0 else 0.0)
+        for i in range(15):  # other rows: different lengths, samplers, stops, limits
+            p = SamplingParams(
+                temperature=[0, 0.7, 1.3][i % 3],
+                top_p=[1.0, 0.9][i % 2],
+                seed=i,
+                max_tokens=5 + 3 * i,
+                stop=["e"] if i % 4 == 0 else [],
+                frequency_penalty=0.5 if i % 5 == 0 else 0.0,
+            )
             jobs.append(collect(engine, prompt_ids(engine, PROMPTS[i % len(PROMPTS)] * (1 + i % 3)), p, f"o{i}"))
         return await asyncio.gather(*jobs)
 
     results = asyncio.run(batch())
     assert result(results[0]) == alone
-    assert engine.stats["decode_rows"] > engine.stats["decode_steps"]   # rows really were batched
+    assert engine.stats["decode_rows"] > engine.stats["decode_steps"]  # rows really were batched
 
 
 def test_each_row_behaves_as_alone_in_a_batch(engine):
@@ -89,12 +105,13 @@ def test_each_row_behaves_as_alone_in_a_batch(engine):
     alone = [result(asyncio.run(collect(engine, prompt_ids(engine, t), p))) for t, p in cases]
 
     async def together():
-        return await asyncio.gather(*[collect(engine, prompt_ids(engine, t), p, str(i))
-                                      for i, (t, p) in enumerate(cases)])
+        return await asyncio.gather(
+            *[collect(engine, prompt_ids(engine, t), p, str(i)) for i, (t, p) in enumerate(cases)]
+        )
 
     together_results = [result(r) for r in asyncio.run(together())]
     assert together_results == alone
-    assert alone[0][0] != alone[1][0]                       # seeds matter
+    assert alone[0][0] != alone[1][0]  # seeds matter
     assert alone[3][2] == "length" and len(alone[3][1]) == 7
     assert "a" not in alone[5][0] and "b" not in alone[5][0]
 
@@ -105,12 +122,19 @@ def test_a_sliding_window_model_gives_the_tokens_of_generate(tiny_model_dir, tmp
     import shutil
 
     import torch
+
     folder = tmp_path / "windowed"
     shutil.copytree(tiny_model_dir, folder)
     cfg = json.loads((folder / "config.json").read_text())
     # Qwen2 (the tiny Llama's weights, plus zero q/k/v biases) with one windowed and one full layer
-    cfg.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], sliding_window=8, use_sliding_window=True,
-               max_window_layers=2, layer_types=["sliding_attention", "full_attention"])
+    cfg.update(
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        sliding_window=8,
+        use_sliding_window=True,
+        max_window_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     (folder / "config.json").write_text(json.dumps(cfg))
     eng = make_engine(folder, prefill_chunk=7)
     try:
@@ -118,16 +142,17 @@ def test_a_sliding_window_model_gives_the_tokens_of_generate(tiny_model_dir, tmp
         ids = prompt_ids(eng, "The quick brown fox jumps over")
         params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
-        async def two():   # a decoding row beside the chunked prompt
-            return await asyncio.gather(collect(eng, prompt_ids(eng, "Hello there"), params, "other"),
-                                        collect(eng, ids, params, "target"))
+        async def two():  # a decoding row beside the chunked prompt
+            return await asyncio.gather(
+                collect(eng, prompt_ids(eng, "Hello there"), params, "other"), collect(eng, ids, params, "target")
+            )
 
         got = result(asyncio.run(two())[1])[1]
         assert len(ids) > 8
         with torch.inference_mode():
             eng.model.set_attn_implementation("sdpa")
             ref = eng.model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
-        assert got == ref[0, len(ids):].tolist()
+        assert got == ref[0, len(ids) :].tolist()
     finally:
         eng.stop()
 
@@ -146,9 +171,9 @@ def test_prefix_cache_reuses_shared_prompt_starts(tiny_model_dir, engine):
         cold.stop()
     before = engine.stats["prefill_tokens"]
     runs = [asyncio.run(collect(engine, ids, params)) for ids in prompts]
-    assert [result(r) for r in runs] == expected                  # same tokens as without the cache
+    assert [result(r) for r in runs] == expected  # same tokens as without the cache
     cached = [r[-1].cached_tokens for r in runs]
-    shared = len(engine.render_prompt([system]))                  # the system turn, at least
+    shared = len(engine.render_prompt([system]))  # the system turn, at least
     assert all(c >= (shared // 16) * 16 for c in cached[1:])
     assert engine.stats["prefill_tokens"] - before == sum(len(ids) for ids in prompts) - sum(cached)
     # the same prompt again: everything but the last (partial) block comes from the cache
@@ -175,14 +200,15 @@ def test_cancelled_streams_leave_the_batch(engine):
     params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
 
     async def scenario():
-        streams = [engine.generate(GenerationRequest(f"c{i}", prompt_ids(engine, PROMPTS[i % 8]), params))
-                   for i in range(12)]
-        for s in streams:                     # everyone has produced a token: all are running
+        streams = [
+            engine.generate(GenerationRequest(f"c{i}", prompt_ids(engine, PROMPTS[i % 8]), params)) for i in range(12)
+        ]
+        for s in streams:  # everyone has produced a token: all are running
             await s.__anext__()
         assert engine.num_running == 12
         for s in streams[:5]:
-            await s.aclose()                  # what a client disconnect does
-        for _ in range(3):                    # a few more tokens for the survivors
+            await s.aclose()  # what a client disconnect does
+        for _ in range(3):  # a few more tokens for the survivors
             await asyncio.gather(*[s.__anext__() for s in streams[5:]])
         running_after = engine.num_running
         rest = await asyncio.gather(*[_drain(s) for s in streams[5:]])
@@ -202,12 +228,14 @@ def test_admission_limits_refuse_the_excess(tiny_model_dir):
     small = make_engine(tiny_model_dir, max_running=2, max_waiting=2)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     try:
+
         async def burst():
             async def one(i):
                 try:
                     return await collect(small, prompt_ids(small, PROMPTS[i % 8]), params, str(i))
                 except EngineOverloaded as exc:
                     return exc
+
             return await asyncio.gather(*[one(i) for i in range(10)])
 
         outcomes = asyncio.run(burst())
@@ -224,11 +252,13 @@ def test_queue_timeout_fails_waiting_requests(tiny_model_dir):
     ids = prompt_ids(small, "Hello")
     long = SamplingParams(temperature=0, max_tokens=250 - len(ids), ignore_eos=True)
     try:
+
         async def scenario():
             first = small.generate(GenerationRequest("a", ids, long))
-            head = await first.__anext__()            # "a" holds the only running slot
+            head = await first.__anext__()  # "a" holds the only running slot
             second = await collect(small, ids, long, "b")
             return [head] + await _drain(first), second
+
         first, second = asyncio.run(scenario())
     finally:
         small.stop()
@@ -244,24 +274,28 @@ def test_min_tokens_and_ignore_eos_hold_off_eos(engine):
 
 # ---------------------------------------------------------------- detokenization and stop strings
 
+
 def test_detokenizer_never_emits_a_split_character(engine):
     tok = engine.tokenizer
     text = "日本語のテキスト 😀🎉🚀 café"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert any("\ufffd" in tok.decode([i]) for i in ids)          # some tokens are partial bytes
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are partial bytes
     detok = IncrementalDetokenizer(tok)
     deltas = [detok.add(i) for i in ids] + [detok.flush()]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == text
 
 
-@pytest.mark.parametrize("pieces, stops, expected, stopped", [
-    (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),
-    (["a", "b", "c", "d"], ["bcd"], "a", True),
-    (["ab", "ab", "ab"], ["abc"], "ababab", False),
-    (["The END", " of it"], ["END", "xyz"], "The ", True),
-    (["no stop here"], [], "no stop here", False),
-])
+@pytest.mark.parametrize(
+    "pieces, stops, expected, stopped",
+    [
+        (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),
+        (["a", "b", "c", "d"], ["bcd"], "a", True),
+        (["ab", "ab", "ab"], ["abc"], "ababab", False),
+        (["The END", " of it"], ["END", "xyz"], "The ", True),
+        (["no stop here"], [], "no stop here", False),
+    ],
+)
 def test_stop_strings_spanning_pieces(pieces, stops, expected, stopped):
     m = StopStringMatcher(stops)
     out, hit = "", False
@@ -277,9 +311,9 @@ def test_stop_strings_spanning_pieces(pieces, stops, expected, stopped):
 
 def test_stop_holdback_releases_text_that_cannot_start_a_stop():
     m = StopStringMatcher(["STOP"])
-    assert m.feed("hello S") == ("hello ", False)     # "S" might begin "STOP": held
+    assert m.feed("hello S") == ("hello ", False)  # "S" might begin "STOP": held
     assert m.feed("T") == ("", False)
-    assert m.feed("x") == ("STx", False)               # it did not: released
+    assert m.feed("x") == ("STx", False)  # it did not: released
 
 
 def test_a_full_pool_preempts_and_every_request_finishes_with_its_own_tokens(tiny_model_dir):
@@ -288,10 +322,14 @@ def test_a_full_pool_preempts_and_every_request_finishes_with_its_own_tokens(tin
     roomy = make_engine(tiny_model_dir)
     small = make_engine(tiny_model_dir, kv_cache_blocks=13, max_running=8)
     try:
-        assert small.max_model_len == 12 * 16                 # the pool caps the context
-        cases = [(prompt_ids(roomy, PROMPTS[i]), SamplingParams(temperature=0 if i % 2 else 0.8, seed=i,
-                                                                max_tokens=48, ignore_eos=True))
-                 for i in range(8)]
+        assert small.max_model_len == 12 * 16  # the pool caps the context
+        cases = [
+            (
+                prompt_ids(roomy, PROMPTS[i]),
+                SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_tokens=48, ignore_eos=True),
+            )
+            for i in range(8)
+        ]
         alone = [result(asyncio.run(collect(roomy, ids, p))) for ids, p in cases]
 
         async def together():
@@ -300,7 +338,7 @@ def test_a_full_pool_preempts_and_every_request_finishes_with_its_own_tokens(tin
         got = [result(r) for r in asyncio.run(together())]
         assert got == alone
         assert small.stats["preemptions"] > 0
-        assert small.stats["kv_blocks_used"] == 0             # every block came back
+        assert small.stats["kv_blocks_used"] == 0  # every block came back
     finally:
         roomy.stop()
         small.stop()
@@ -328,6 +366,7 @@ def test_a_fault_in_one_row_fails_that_request_alone(engine, fault, monkeypatch)
     """Sampling, constraint, detokenizer or stop-matcher faults in one row: that request ends with an
     error, every other row of the same steps gets the tokens it gets alone, and the engine serves on."""
     from engine import detokenize
+
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     others = [prompt_ids(engine, p) for p in PROMPTS[:4]]
     alone = [result(asyncio.run(collect(engine, ids, greedy))) for ids in others]
@@ -335,11 +374,11 @@ def test_a_fault_in_one_row_fails_that_request_alone(engine, fault, monkeypatch)
     constraint = None
     if fault in ("mask", "advance"):
         constraint = _FaultyConstraint(fault)
-    else:   # the victim's detokenizer / stop matcher raises from its 3rd call on
+    else:  # the victim's detokenizer / stop matcher raises from its 3rd call on
         cls = detokenize.IncrementalDetokenizer if fault == "detokenize" else detokenize.StopStringMatcher
         method = "add" if fault == "detokenize" else "feed"
         original, real_init = getattr(cls, method), cls.__init__
-        calls: dict[int, int] = {}   # id(victim object) -> calls so far
+        calls: dict[int, int] = {}  # id(victim object) -> calls so far
 
         def marking_init(self, *a, **kw):
             real_init(self, *a, **kw)
@@ -412,6 +451,7 @@ def test_prompt_logprobs_equal_log_softmax_of_the_model_logits_alone_and_in_a_bu
     position, over several prefill chunks, alone or beside decoding rows; generation after scoring
     is unchanged."""
     import torch
+
     engine = chunked_engine
     assert engine.scores_prompts
     ids = prompt_ids(engine, " ".join(PROMPTS))
@@ -432,34 +472,43 @@ def test_prompt_logprobs_equal_log_softmax_of_the_model_logits_alone_and_in_a_bu
 
     check(asyncio.run(collect(engine, ids, scoring)))
 
-    async def busy():   # decoding rows beside the scored prompt, a second scored prompt, one that generates
+    async def busy():  # decoding rows beside the scored prompt, a second scored prompt, one that generates
         greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-        return await asyncio.gather(collect(engine, ids, scoring, "s1"),
-                                    *[collect(engine, prompt_ids(engine, p), greedy, f"g{i}") for i, p in enumerate(PROMPTS[:4])],
-                                    collect(engine, ids, scoring, "s2"),
-                                    collect(engine, ids, greedy.replace(prompt_logprobs=0), "g-scored"))
+        return await asyncio.gather(
+            collect(engine, ids, scoring, "s1"),
+            *[collect(engine, prompt_ids(engine, p), greedy, f"g{i}") for i, p in enumerate(PROMPTS[:4])],
+            collect(engine, ids, scoring, "s2"),
+            collect(engine, ids, greedy.replace(prompt_logprobs=0), "g-scored"),
+        )
 
     results = asyncio.run(busy())
     check(results[0])
     check(results[5])
     generated = results[6]
     assert len(generated[0].prompt_logprobs) == len(ids)
-    assert result(generated) == result(asyncio.run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=20,
-                                                                                      ignore_eos=True))))
+    assert result(generated) == result(
+        asyncio.run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)))
+    )
 
 
 def test_decode_steps_on_graph_buffers_give_the_eager_tokens(tiny_model_dir):
     """The CUDA-graph path's static buffers (emulated off CUDA: same buffers, padding and buckets,
     no capture): 11 requests of different lengths, so the batch shrinks through buckets 16, 8, 4,
     2, 1 as they finish, and a pool small enough to preempt: every request's tokens equal eager steps'."""
-    cases = [(PROMPTS[i % len(PROMPTS)] * (1 + i % 3),
-              SamplingParams(temperature=0 if i % 2 else 0.9, seed=i, max_tokens=4 + 5 * i, ignore_eos=True))
-             for i in range(11)]
+    cases = [
+        (
+            PROMPTS[i % len(PROMPTS)] * (1 + i % 3),
+            SamplingParams(temperature=0 if i % 2 else 0.9, seed=i, max_tokens=4 + 5 * i, ignore_eos=True),
+        )
+        for i in range(11)
+    ]
 
     def run(engine):
         async def go():
-            return await asyncio.gather(*[collect(engine, prompt_ids(engine, t), p, f"r{i}")
-                                          for i, (t, p) in enumerate(cases)])
+            return await asyncio.gather(
+                *[collect(engine, prompt_ids(engine, t), p, f"r{i}") for i, (t, p) in enumerate(cases)]
+            )
+
         return [result(r) for r in asyncio.run(go())]
 
     eager = make_engine(tiny_model_dir, decode_graphs="off", max_running=16)
@@ -467,7 +516,7 @@ def test_decode_steps_on_graph_buffers_give_the_eager_tokens(tiny_model_dir):
     tight = make_engine(tiny_model_dir, decode_graphs="emulate", max_running=16, kv_cache_blocks=24)
     try:
         assert eager.graphs is None and graphs.graphs.buckets == [1, 2, 4, 8, 16]
-        assert (eager.config.max_newcomers, eager.config.prefill_chunk) == (1, 512)   # CPU defaults
+        assert (eager.config.max_newcomers, eager.config.prefill_chunk) == (1, 512)  # CPU defaults
         expected = run(eager)
         assert run(graphs) == expected
         assert graphs.stats["graph_steps"] > 0 and graphs.stats["graph_steps"] == graphs.graphs.replays
@@ -480,6 +529,7 @@ def test_decode_steps_on_graph_buffers_give_the_eager_tokens(tiny_model_dir):
 
 def test_graph_buckets_are_vllms():
     from engine.cuda_graphs import bucket_for, buckets_up_to
+
     assert buckets_up_to(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert buckets_up_to(12) == [1, 2, 4, 8, 12]
     assert buckets_up_to(1) == [1]

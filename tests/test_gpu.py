@@ -4,6 +4,7 @@ Tiny random-weight models, so they run anywhere CUDA does: the paged step's self
 in float32 and bfloat16, batch invariance, equality with model.generate, the prefix cache,
 preemption when the KV pool is full, and one HTTP round trip with the engine on the GPU.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,13 +15,13 @@ import torch
 
 from engine.request import GenerationRequest, SamplingParams
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def cuda_engine(model_dir, dtype="float32", **config):
     from engine.engine import Engine, EngineConfig
     from engine.loader import load_model
+
     return Engine(load_model(str(model_dir), device="cuda", dtype=dtype), EngineConfig(**config)).start()
 
 
@@ -45,8 +46,13 @@ def test_packed_steps_pass_their_self_test_on_cuda(engine, tiny_model_dir):
     half = cuda_engine(tiny_model_dir, dtype="bfloat16")
     try:
         assert half.packed is True
-        events = asyncio.run(collect(half, half.render_prompt([{"role": "user", "content": "Hello"}]),
-                                     SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))
+        events = asyncio.run(
+            collect(
+                half,
+                half.render_prompt([{"role": "user", "content": "Hello"}]),
+                SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+            )
+        )
         assert len(tokens(events)) == 8
     finally:
         half.stop()
@@ -72,9 +78,10 @@ def test_engine_tokens_equal_model_generate_on_cuda(engine):
     ids = engine.render_prompt([{"role": "user", "content": "The quick brown fox"}])
     got = tokens(asyncio.run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))))
     with torch.inference_mode():
-        ref = engine.model.generate(torch.tensor([ids], device="cuda"), max_new_tokens=16, min_new_tokens=16,
-                                    do_sample=False)
-    assert got == ref[0, len(ids):].tolist()
+        ref = engine.model.generate(
+            torch.tensor([ids], device="cuda"), max_new_tokens=16, min_new_tokens=16, do_sample=False
+        )
+    assert got == ref[0, len(ids) :].tolist()
 
 
 def test_prefix_cache_on_cuda_gives_the_same_tokens(engine):
@@ -89,10 +96,18 @@ def test_prefix_cache_on_cuda_gives_the_same_tokens(engine):
 
 def test_http_round_trip_with_the_engine_on_cuda(engine):
     from conftest import serve_engine
+
     with serve_engine(engine) as srv:
-        r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=60,
-                       json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
-                             "temperature": 0, "ignore_eos": True})
+        r = httpx.post(
+            srv.base_url + "/v1/chat/completions",
+            timeout=60,
+            json={
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 6,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
     assert r.status_code == 200
     assert r.json()["usage"]["completion_tokens"] == 6
 
@@ -128,9 +143,13 @@ def test_cuda_graph_replay_equals_eager_token_for_token(tiny_model_dir, dtype):
 
         def run(engine, n):
             async def go():
-                return await asyncio.gather(*[
-                    collect(engine, engine.render_prompt([{"role": "user", "content": t}]), params, f"r{i}")
-                    for i, t in enumerate(texts[:n])])
+                return await asyncio.gather(
+                    *[
+                        collect(engine, engine.render_prompt([{"role": "user", "content": t}]), params, f"r{i}")
+                        for i, t in enumerate(texts[:n])
+                    ]
+                )
+
             return [tokens(r) for r in asyncio.run(go())]
 
         for n in (1, 2, 4):
@@ -144,6 +163,7 @@ def test_cuda_graph_replay_equals_eager_token_for_token(tiny_model_dir, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_paged_kernel_equals_gathered_sdpa_on_cuda(dtype):
     from engine.triton_attention import paged_decode
+
     torch.manual_seed(0)
     bs, blocks, kv_heads, q_heads, dim = 16, 700, 8, 32, 128
     K = torch.randn(blocks * bs, kv_heads, dim, device="cuda", dtype=dtype)
@@ -152,12 +172,12 @@ def test_the_paged_kernel_equals_gathered_sdpa_on_cuda(dtype):
     perm = (torch.randperm(blocks - 1) + 1).tolist()
     tables, at = [], 0
     for n in lens:
-        tables.append(perm[at:at + -(-n // bs)])
+        tables.append(perm[at : at + -(-n // bs)])
         at += len(tables[-1])
     width = max(map(len, tables))
     tables_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
     q = torch.randn(len(lens), q_heads, dim, device="cuda", dtype=dtype)
-    got = paged_decode(q, K, V, tables_t, torch.tensor(lens, dtype=torch.int32, device="cuda"), bs, dim ** -0.5)
+    got = paged_decode(q, K, V, tables_t, torch.tensor(lens, dtype=torch.int32, device="cuda"), bs, dim**-0.5)
     for b, n in enumerate(lens):
         pos = torch.arange(n, device="cuda")
         slots = torch.tensor(tables[b], device="cuda")[pos // bs] * bs + pos % bs

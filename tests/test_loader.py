@@ -1,5 +1,6 @@
 """Model loading by Hugging Face Hub id from the standard cache (no Hub access here: the cache is
 laid out by the test, as huggingface_hub writes it)."""
+
 from __future__ import annotations
 
 import shutil
@@ -31,7 +32,7 @@ def offline_cache(tmp_path, monkeypatch):
 def test_a_hub_id_loads_from_the_cache_offline(offline_cache, tiny_model_dir):
     hub_cache(offline_cache, "tiny-org/tiny-llama", tiny_model_dir)
     loaded = load_model("tiny-org/tiny-llama", device="cpu", dtype="float32")
-    assert loaded.name == "tiny-org/tiny-llama"                     # served under its Hub id
+    assert loaded.name == "tiny-org/tiny-llama"  # served under its Hub id
     assert loaded.model.config.num_hidden_layers == 2
     folder, gguf = resolve_model("tiny-org/tiny-llama", revision=REV)
     assert folder.name == REV and gguf is None
@@ -54,6 +55,7 @@ def test_specs_that_are_neither_are_refused():
 
 def test_the_cli_prints_one_line_and_exits_1_when_the_model_is_missing(offline_cache, capsys):
     from server.cli import main
+
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--model", "nobody/not-here", "--device", "cpu"])
     assert exc.value.code == 1

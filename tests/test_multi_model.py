@@ -1,6 +1,7 @@
 """Several models in one process: each its own engine, routed by the request's `model`; aliases;
 /v1/models, /ready, /health and /metrics per model; the CLI's --config (repeated, or a `models:`
 list) and its one-line config errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import make_engine
+from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import build_tiny_llama
 
 from server.app import create_app
@@ -40,6 +40,7 @@ def second_model_dir(tmp_path_factory) -> Path:
 def pair(tiny_model_dir, second_model_dir):
     """alpha (alias a2) and beta, each its own engine, behind one app."""
     from starlette.testclient import TestClient
+
     alpha, beta = make_engine(tiny_model_dir), make_engine(second_model_dir)
     app = create_app([(["alpha", "a2"], alpha), ("beta", beta)], playground=False)
     with TestClient(app) as c:
@@ -77,7 +78,7 @@ def test_each_name_reaches_its_own_engine(pair, path):
         r = c.post(path, json={**payload, "model": name, "max_tokens": 3, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["model"] == name                     # the name the request used, alias included
+        assert body["model"] == name  # the name the request used, alias included
         assert body["usage"]["completion_tokens"] == 3
         assert (finished(engine), finished(other)) == (mine + 1, theirs), name
 
@@ -86,18 +87,28 @@ def test_an_alias_is_the_same_model(pair):
     alpha, beta, c = pair
     texts = {}
     for name in ("alpha", "a2", "beta"):
-        r = c.post(CHAT, json={"model": name, "messages": HI, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-                               "logprobs": True})
+        r = c.post(
+            CHAT,
+            json={
+                "model": name,
+                "messages": HI,
+                "max_tokens": 8,
+                "temperature": 0,
+                "ignore_eos": True,
+                "logprobs": True,
+            },
+        )
         texts[name] = [t["logprob"] for t in r.json()["choices"][0]["logprobs"]["content"]]
-    assert texts["alpha"] == texts["a2"]                 # same weights, same greedy logprobs
-    assert texts["alpha"] != texts["beta"]               # other weights
+    assert texts["alpha"] == texts["a2"]  # same weights, same greedy logprobs
+    assert texts["alpha"] != texts["beta"]  # other weights
 
 
 def test_streams_are_routed_too(pair):
     alpha, beta, c = pair
     before = finished(beta), finished(alpha)
-    with c.stream("POST", CHAT, json={"model": "beta", "messages": HI, "max_tokens": 4, "stream": True,
-                                      "ignore_eos": True}) as r:
+    with c.stream(
+        "POST", CHAT, json={"model": "beta", "messages": HI, "max_tokens": 4, "stream": True, "ignore_eos": True}
+    ) as r:
         chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
     assert {ch["model"] for ch in chunks} == {"beta"}
     assert (finished(beta), finished(alpha)) == (before[0] + 1, before[1])
@@ -115,9 +126,11 @@ def test_models_lists_every_name_and_finds_each(pair, second_model_dir):
 
 def test_an_unknown_model_is_a_404_naming_the_served_ones(pair):
     _, _, c = pair
-    for r in (c.post(CHAT, json={"model": "gpt-17", "messages": HI}),
-              c.post(COMPLETIONS, json={"model": "gpt-17", "prompt": "x"}),
-              c.get("/v1/models/gpt-17")):
+    for r in (
+        c.post(CHAT, json={"model": "gpt-17", "messages": HI}),
+        c.post(COMPLETIONS, json={"model": "gpt-17", "prompt": "x"}),
+        c.get("/v1/models/gpt-17"),
+    ):
         err = error_of(r, 404, "model_not_found")
         assert err["type"] == "invalid_request_error" and err["param"] == "model"
         assert err["message"] == "model 'gpt-17' not found; this server serves 'alpha', 'a2', 'beta'"
@@ -138,7 +151,7 @@ def test_ready_and_health_report_every_model(pair):
     assert h["status"] == "ok" and set(h["models"]) == {"alpha", "beta"}
     assert all(m["status"] == "ok" and m["running"] == 0 for m in h["models"].values())
     assert h["models"]["beta"]["stats"] == {k: v for k, v in beta.stats.items()}
-    assert "model" not in h and "stats" not in h            # per model only, with several
+    assert "model" not in h and "stats" not in h  # per model only, with several
 
 
 def test_metrics_are_per_model(pair):
@@ -156,9 +169,9 @@ def test_metrics_are_per_model(pair):
         return after.get(key, 0) - before.get(key, 0)
 
     ep = "chat/completions"
-    assert moved("chatserve_requests_total", model="alpha", endpoint=ep, status="200") == 3   # a2 is alpha
+    assert moved("chatserve_requests_total", model="alpha", endpoint=ep, status="200") == 3  # a2 is alpha
     assert moved("chatserve_requests_total", model="beta", endpoint=ep, status="200") == 1
-    assert moved("chatserve_requests_total", model="", endpoint=ep, status="404") == 1        # no model chosen
+    assert moved("chatserve_requests_total", model="", endpoint=ep, status="404") == 1  # no model chosen
     assert moved("chatserve_generation_tokens_total", model="alpha") == 6
     assert moved("chatserve_generation_tokens_total", model="beta") == 2
     for model in ("alpha", "beta"):
@@ -167,6 +180,7 @@ def test_metrics_are_per_model(pair):
 
 def test_one_model_down_is_not_ready_and_says_which(tiny_model_dir, second_model_dir):
     from starlette.testclient import TestClient
+
     alpha, beta = make_engine(tiny_model_dir), make_engine(second_model_dir)
     try:
         beta.stop()
@@ -187,11 +201,12 @@ def test_one_model_down_is_not_ready_and_says_which(tiny_model_dir, second_model
 
 def test_create_app_forms(tiny_engine):
     from starlette.testclient import TestClient
+
     # one engine under several dict keys: one model, the first key its id, the others aliases
     with TestClient(create_app({"main": tiny_engine, "other-name": tiny_engine}, playground=False)) as c:
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["main", "other-name"]
         assert c.get("/ready").json()["models"] == ["main"]
-        r = c.post(CHAT, json={"messages": HI, "max_tokens": 1})       # one model: `model` may be left out
+        r = c.post(CHAT, json={"messages": HI, "max_tokens": 1})  # one model: `model` may be left out
         assert r.status_code == 200 and r.json()["model"] == "main"
     with pytest.raises(ValueError, match="'x' is given to two models"):
         create_app([("x", tiny_engine), (["y", "x"], object())])
@@ -209,14 +224,15 @@ def test_configs_combine_per_model_and_server_wide(tmp_path):
     (tmp_path / "both.yaml").write_text(
         "device: cpu\nallowed_origins: https://x.example\n"
         "models:\n  - model: /m/b\n    served_model_name: b\n    aliases: bee\n"
-        "  - {model: /m/c, served_model_name: c, device: auto}\n")
-    s = settings_of(["--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "both.yaml"),
-                     "--max-waiting", "7"])
-    assert [(m["served_model_name"], m["aliases"]) for m in s.models] == [("a", ["a-alias"]), ("b", ["bee"]),
-                                                                        ("c", [])]
-    assert [m["max_running"] for m in s.models] == [4, 32, 32]           # a.yaml's own
-    assert [m["device"] for m in s.models] == ["auto", "cpu", "auto"]    # both.yaml's top level, c overrides it
-    assert [m["max_waiting"] for m in s.models] == [7, 7, 7]             # a flag: every model
+        "  - {model: /m/c, served_model_name: c, device: auto}\n"
+    )
+    s = settings_of(
+        ["--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "both.yaml"), "--max-waiting", "7"]
+    )
+    assert [(m["served_model_name"], m["aliases"]) for m in s.models] == [("a", ["a-alias"]), ("b", ["bee"]), ("c", [])]
+    assert [m["max_running"] for m in s.models] == [4, 32, 32]  # a.yaml's own
+    assert [m["device"] for m in s.models] == ["auto", "cpu", "auto"]  # both.yaml's top level, c overrides it
+    assert [m["max_waiting"] for m in s.models] == [7, 7, 7]  # a flag: every model
     assert s.server["port"] == 9000 and s.server["allowed_origins"] == ["https://x.example"]
     assert s.origins[2] == f"{tmp_path / 'both.yaml'}: models[1]"
 
@@ -227,9 +243,23 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     return exc.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["missing", "yaml", "unknown", "unknown-in-item", "server-key-in-item",
-                                  "duplicate", "duplicate-alias", "conflict", "type", "choice", "models-not-list",
-                                  "model-flag"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "yaml",
+        "unknown",
+        "unknown-in-item",
+        "server-key-in-item",
+        "duplicate",
+        "duplicate-alias",
+        "conflict",
+        "type",
+        "choice",
+        "models-not-list",
+        "model-flag",
+    ],
+)
 def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, case):
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("model: /m/a\nserved_model_name: shared\n")
@@ -284,9 +314,12 @@ def test_two_models_with_one_derived_name_stop_start_up(tiny_model_dir, tmp_path
     cfg.write_text(f"device: cpu\ndtype: float32\nmodels:\n  - model: {tiny_model_dir}\n  - model: {tiny_model_dir}\n")
     s = settings_of(["--config", str(cfg)])
     before = {t.name for t in threading.enumerate()}
-    with pytest.raises(ConfigError, match=rf"models\[1\]: served_model_name: unset, and the name the model gets "
-                                          rf"from where it was loaded, '{tiny_model_dir.name}', is also a name of "
-                                          rf".*models\[0\]'s model"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"models\[1\]: served_model_name: unset, and the name the model gets "
+        rf"from where it was loaded, '{tiny_model_dir.name}', is also a name of "
+        rf".*models\[0\]'s model",
+    ):
         build_app(s)
     assert "chatserve-engine" not in {t.name for t in threading.enumerate()} - before
 
@@ -305,17 +338,39 @@ def test_serve_two_configs_end_to_end(tiny_model_dir, tmp_path):
     """`chatserve serve --config a.yaml --config b.yaml` (the same folder twice, under two names),
     JSON logs: /ready, /v1/models, routing, and the access line of each request."""
     import socket
+
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text(f"model: {tiny_model_dir}\nserved_model_name: one\ndevice: cpu\ndtype: float32\n")
-    b.write_text(f"model: {tiny_model_dir}\nserved_model_name: [two, deux]\ndevice: cpu\ndtype: float32\n"
-                 "max_running: 2\n")
+    b.write_text(
+        f"model: {tiny_model_dir}\nserved_model_name: [two, deux]\ndevice: cpu\ndtype: float32\nmax_running: 2\n"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(a), "--config", str(b),
-                             "--port", str(port), "--log-format", "json", "--log-level", "info", "--no-playground"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--config",
+            str(a),
+            "--config",
+            str(b),
+            "--port",
+            str(port),
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "--no-playground",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -334,16 +389,23 @@ def test_serve_two_configs_end_to_end(tiny_model_dir, tmp_path):
         assert [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]] == ["one", "two", "deux"]
         replies = {}
         for name in ("one", "deux"):
-            r = httpx.post(base + CHAT, json={"model": name, "messages": HI, "max_tokens": 3, "ignore_eos": True},
-                           headers={"X-Request-Id": f"req-{name}"}, timeout=60)
+            r = httpx.post(
+                base + CHAT,
+                json={"model": name, "messages": HI, "max_tokens": 3, "ignore_eos": True},
+                headers={"X-Request-Id": f"req-{name}"},
+                timeout=60,
+            )
             assert r.status_code == 200 and r.json()["model"] == name and r.headers["x-request-id"] == f"req-{name}"
             replies[name] = r.json()
         health = httpx.get(base + "/health").json()["models"]
         assert health["one"]["stats"]["finished_length"] == health["two"]["stats"]["finished_length"] == 1
 
         def access(rid):
-            return [d for d in map(json.loads, list(lines)) if d.get("logger") == "chatserve.access"
-                    and d.get("request_id") == rid]
+            return [
+                d
+                for d in map(json.loads, list(lines))
+                if d.get("logger") == "chatserve.access" and d.get("request_id") == rid
+            ]
 
         # the access line is written once the last byte is sent: wait for it, within a deadline
         deadline = time.monotonic() + 30
@@ -359,7 +421,7 @@ def test_serve_two_configs_end_to_end(tiny_model_dir, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         reader.join(timeout=10)
-        assert lines and all(isinstance(json.loads(ln), dict) for ln in lines)      # every line, uvicorn's too
+        assert lines and all(isinstance(json.loads(ln), dict) for ln in lines)  # every line, uvicorn's too
         assert any(json.loads(ln)["logger"].startswith("uvicorn") for ln in lines)
     finally:
         if proc.poll() is None:

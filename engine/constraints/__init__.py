@@ -20,21 +20,29 @@ Every name in ``__all__`` can be imported from here; each is loaded from its mod
 so that importing the light modules (the errors, the checks, the compile worker's child process)
 does not load torch or numpy, which only :mod:`.state` needs.
 """
+
 from __future__ import annotations
 
 import importlib
 
 # name -> the module (in this package) that defines it
 _EXPORTS = {
-    "ConstraintError": "errors", "ConstraintTooComplex": "errors", "ConstraintBusy": "errors",
+    "ConstraintError": "errors",
+    "ConstraintTooComplex": "errors",
+    "ConstraintBusy": "errors",
     "ConstraintViolation": "errors",
-    "check_schema": "schemas", "check_tools": "schemas", "check_representable": "schemas",
+    "check_schema": "schemas",
+    "check_tools": "schemas",
+    "check_representable": "schemas",
     "enforceable_schema": "schemas",
-    "DEFAULT_WHITESPACE": "regexes", "build_json_object_regex": "regexes",
-    "TokenVocab": "vocabulary", "get_token_vocab": "vocabulary",
+    "DEFAULT_WHITESPACE": "regexes",
+    "build_json_object_regex": "regexes",
+    "TokenVocab": "vocabulary",
+    "get_token_vocab": "vocabulary",
     "ConstraintLimits": "limits",
     "ConstraintCompiler": "compiler",
-    "CompiledConstraint": "state", "ConstraintState": "state",
+    "CompiledConstraint": "state",
+    "ConstraintState": "state",
 }
 
 __all__ = list(_EXPORTS)
@@ -45,7 +53,7 @@ def __getattr__(name: str):
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value          # later look-ups skip this function
+    globals()[name] = value  # later look-ups skip this function
     return value
 
 

@@ -30,6 +30,7 @@ once and its memory goes back to the OS with the process. The next compile gets 
 The protocol is private to :mod:`engine.constraints`: messages are tuples; every reply is
 ``(status, payload, rss_bytes)``.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -49,7 +50,7 @@ log = logging.getLogger("chatserve.engine.compile")
 
 __all__ = ["CompilePool", "CompileTimeout", "CompilerBusy", "CompilerUnavailable", "WorkerDied", "default_pool"]
 
-_WIDE = 64        # a probe state allowing more bytes than this is "inside a string": ~every token fits
+_WIDE = 64  # a probe state allowing more bytes than this is "inside a string": ~every token fits
 _VOCABS_KEPT = 4  # vocabularies a worker keeps (one per tokenizer + tool-tag variant)
 # the folder that holds the engine package (engine/constraints/compile_worker.py -> three levels up)
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,12 +80,14 @@ class WorkerDied(Exception):
 # Worker side (runs in the child process; imports outlines_core only)
 # ---------------------------------------------------------------------------------------
 
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -98,6 +101,7 @@ def _byte_vocabulary(end: bytes, end_id: int, cache: dict):
     v = cache.get((end, end_id))
     if v is None:
         import outlines_core as oc
+
         m = {bytes([b]): [b] for b in range(256) if b != 0xF4}
         m[end] = [end_id]
         v = oc.Vocabulary(256, m)
@@ -111,6 +115,7 @@ def _probe(regex: str, vocab_len: int, end: bytes, end_id: int, cache: dict) -> 
     some bytes reaches fewer), ~200x less vocabulary to walk. A state allowing many bytes (inside
     a string) lets through nearly every token; one allowing few, about as many tokens as bytes."""
     import outlines_core as oc
+
     idx = oc.Index(regex, _byte_vocabulary(end, end_id, cache))
     trans = idx.get_transitions()
     est = sum(vocab_len if len(t) > _WIDE else len(t) for t in trans.values())
@@ -132,11 +137,12 @@ def _handle(msg, vocabs: OrderedDict, bytevocabs: dict):
         # schemas (canonical JSON strings) -> regexes; stops as soon as the total passes max_chars
         _, schemas, ws, max_chars = msg
         from outlines_core.json_schema import build_regex_from_schema
+
         out, total = [], 0
         for i, schema in enumerate(schemas):
             try:
                 rx = build_regex_from_schema(schema, ws)
-            except BaseException as e:      # ValueError, or a Rust panic (a BaseException)
+            except BaseException as e:  # ValueError, or a Rust panic (a BaseException)
                 if isinstance(e, (KeyboardInterrupt, SystemExit)):
                     raise
                 return ("schema_error", (i, _first_line(e)))
@@ -152,6 +158,7 @@ def _handle(msg, vocabs: OrderedDict, bytevocabs: dict):
             return ("need_vocab", None)
         vocabs.move_to_end(key)
         import outlines_core as oc
+
         stats = {}
         try:
             if max_states or max_trans:
@@ -164,7 +171,7 @@ def _handle(msg, vocabs: OrderedDict, bytevocabs: dict):
                     return ("limit", ("transitions", est, max_trans))
             t0 = time.perf_counter()
             index = oc.Index(regex, vocab)
-        except BaseException as e:          # ValueError, or a Rust panic (a BaseException)
+        except BaseException as e:  # ValueError, or a Rust panic (a BaseException)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             return ("index_error", _first_line(e))
@@ -176,19 +183,22 @@ def _handle(msg, vocabs: OrderedDict, bytevocabs: dict):
 def _child_main(fd: int, memory_limit: int) -> None:
     """Entry point of a worker process (``python -c``): serve the connection on ``fd``."""
     from multiprocessing.connection import Connection
+
     _worker_main(Connection(fd), memory_limit or None)
 
 
 def _worker_main(conn, memory_limit: int | None) -> None:
     """Child process: serve tasks from ``conn`` until the parent closes it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's business
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     if memory_limit:
         try:
             import resource
+
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         except (ImportError, ValueError, OSError):
             pass
     import outlines_core  # noqa: F401  (loaded before the first task)
+
     vocabs: OrderedDict = OrderedDict()
     bytevocabs: dict = {}
     while True:
@@ -200,7 +210,7 @@ def _worker_main(conn, memory_limit: int | None) -> None:
             reply = _handle(msg, vocabs, bytevocabs)
         except MemoryError:
             reply = ("error", "the compile worker ran out of memory")
-        except BaseException as e:          # incl. pyo3's PanicException: the worker carries on
+        except BaseException as e:  # incl. pyo3's PanicException: the worker carries on
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
             reply = ("error", _first_line(e))
@@ -208,27 +218,37 @@ def _worker_main(conn, memory_limit: int | None) -> None:
             conn.send((*reply, _rss_bytes()))
         except (OSError, ValueError):
             return
-        reply = msg = None      # an idle worker holds no index
+        reply = msg = None  # an idle worker holds no index
 
 
 # ---------------------------------------------------------------------------------------
 # Parent side
 # ---------------------------------------------------------------------------------------
 
+
 class _Worker:
     """One worker process and the parent's end of its pipe. Used by one thread at a time."""
 
     def __init__(self, memory_limit: int | None, generation: int):
-        parent_end, child_end = multiprocessing.Pipe()      # a socketpair; pickled messages
+        parent_end, child_end = multiprocessing.Pipe()  # a socketpair; pickled messages
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from engine.constraints.compile_worker import _child_main; "
-                 "_child_main(int(sys.argv[1]), int(sys.argv[2]))",
-                 str(child_end.fileno()), str(memory_limit or 0)],
-                pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                env=env, cwd=_ROOT)
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from engine.constraints.compile_worker import _child_main; "
+                    "_child_main(int(sys.argv[1]), int(sys.argv[2]))",
+                    str(child_end.fileno()),
+                    str(memory_limit or 0),
+                ],
+                pass_fds=(child_end.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+                cwd=_ROOT,
+            )
         finally:
             child_end.close()
         self.conn = parent_end
@@ -237,7 +257,7 @@ class _Worker:
         self.generation = generation
         self.rss = 0
         self.tasks = 0
-        self.vocabs: OrderedDict = OrderedDict()   # mirror of the worker's vocabulary LRU
+        self.vocabs: OrderedDict = OrderedDict()  # mirror of the worker's vocabulary LRU
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -247,7 +267,7 @@ class _Worker:
 
         CompileTimeout (worker killed) when the deadline passes; WorkerDied when it ends."""
         if deadline is not None and time.monotonic() >= deadline:
-            raise CompileTimeout("deadline passed before the task started")   # worker stays usable
+            raise CompileTimeout("deadline passed before the task started")  # worker stays usable
         try:
             self.conn.send(msg)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -257,12 +277,13 @@ class _Worker:
             reply = self.conn.recv()
         except (EOFError, OSError) as e:
             with contextlib.suppress(Exception):
-                self.proc.wait(2)            # it is exiting: let it finish, to read why
+                self.proc.wait(2)  # it is exiting: let it finish, to read why
             self.kill()
             code = self.proc.returncode
             log.warning("constraint compile worker pid %d died: %s", self.pid, _describe_exit(code) or e)
-            raise WorkerDied(f"the compile worker ended ({_describe_exit(code, self.memory_limit) or e})",
-                             code) from None
+            raise WorkerDied(
+                f"the compile worker ended ({_describe_exit(code, self.memory_limit) or e})", code
+            ) from None
         *reply, self.rss = reply
         self.tasks += 1
         return reply
@@ -295,8 +316,7 @@ def _describe_exit(code, memory_limit: int | None = None) -> str:
         except ValueError:
             name = f"signal {-code}"
         if -code in (signal.SIGABRT, signal.SIGKILL, signal.SIGSEGV):
-            limit = (f" of {memory_limit / 2**30:.3g} GiB (server limit --compile-memory-gb)"
-                     if memory_limit else "")
+            limit = f" of {memory_limit / 2**30:.3g} GiB (server limit --compile-memory-gb)" if memory_limit else ""
             return f"{name}, most likely at its memory limit{limit}"
         return name
     return f"exit code {code}"
@@ -310,24 +330,23 @@ class CompilePool:
     recycle_rss: a worker whose RSS passed this after a task is replaced.
     """
 
-    def __init__(self, max_workers: int = 2, memory_limit: int | None = 4 << 30,
-                 recycle_rss: int = 256 << 20):
+    def __init__(self, max_workers: int = 2, memory_limit: int | None = 4 << 30, recycle_rss: int = 256 << 20):
         self.max_workers = max(1, int(max_workers))
         self.memory_limit = memory_limit or None
         self.recycle_rss = recycle_rss
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
-        self._starting = 0            # workers being started (counted against max_workers)
-        self._warming = 0             # ... of which by ensure_warm (they go to _idle)
+        self._starting = 0  # workers being started (counted against max_workers)
+        self._warming = 0  # ... of which by ensure_warm (they go to _idle)
         self._generation = 0
-        self._preload = None          # (key, payload function): sent to every new worker
+        self._preload = None  # (key, payload function): sent to every new worker
         self._closed = False
         self.started = 0
         self.killed = 0
         self.died = 0
         self.recycled = 0
-        self.killed_pids: list[int] = []     # the last few, for diagnostics / tests
+        self.killed_pids: list[int] = []  # the last few, for diagnostics / tests
         self.start_seconds: list[float] = []
 
     # -- configuration -------------------------------------------------------------
@@ -361,14 +380,14 @@ class CompilePool:
             if vocab is not None:
                 self._ensure_vocab(w, vocab, deadline)
             reply = w.call(msg, deadline)
-            if reply[0] == "need_vocab" and vocab is not None:   # evicted meanwhile
+            if reply[0] == "need_vocab" and vocab is not None:  # evicted meanwhile
                 w.vocabs.pop(vocab[0], None)
                 self._ensure_vocab(w, vocab, deadline)
                 reply = w.call(msg, deadline)
             ok = True
             return tuple(reply)
         except CompileTimeout:
-            ok = w.alive()       # not killed: the deadline passed before it started
+            ok = w.alive()  # not killed: the deadline passed before it started
             if not ok:
                 with self._cond:
                     self.killed += 1
@@ -406,7 +425,7 @@ class CompilePool:
                     if w.alive():
                         self._busy.add(w)
                         return w
-                    w.kill()                 # died while idle: reap it, look again
+                    w.kill()  # died while idle: reap it, look again
                 # a warm worker on its way (~0.1 s) is worth waiting for; else start one if allowed
                 if not self._warming and len(self._busy) + self._starting < self.max_workers:
                     self._starting += 1
@@ -444,8 +463,13 @@ class CompilePool:
         return w
 
     def _release(self, w: _Worker, healthy: bool) -> None:
-        retire = (not healthy or not w.alive() or w.generation != self._generation or self._closed
-                  or (self.recycle_rss and w.rss > self.recycle_rss))
+        retire = (
+            not healthy
+            or not w.alive()
+            or w.generation != self._generation
+            or self._closed
+            or (self.recycle_rss and w.rss > self.recycle_rss)
+        )
         with self._cond:
             if healthy and retire:
                 self.recycled += 1
@@ -463,8 +487,7 @@ class CompilePool:
         with self._cond:
             if vocab is not None:
                 self._preload = vocab
-            if self._closed or self._idle or self._starting or \
-                    len(self._busy) + self._starting >= self.max_workers:
+            if self._closed or self._idle or self._starting or len(self._busy) + self._starting >= self.max_workers:
                 return
             self._starting += 1
             self._warming += 1
@@ -491,10 +514,17 @@ class CompilePool:
 
     def info(self) -> dict:
         with self._cond:
-            return {"workers": len(self._idle) + len(self._busy), "idle": len(self._idle),
-                    "busy": len(self._busy), "max_workers": self.max_workers,
-                    "memory_limit": self.memory_limit, "started": self.started, "killed": self.killed,
-                    "died": self.died, "recycled": self.recycled}
+            return {
+                "workers": len(self._idle) + len(self._busy),
+                "idle": len(self._idle),
+                "busy": len(self._busy),
+                "max_workers": self.max_workers,
+                "memory_limit": self.memory_limit,
+                "started": self.started,
+                "killed": self.killed,
+                "died": self.died,
+                "recycled": self.recycled,
+            }
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no worker is starting (for tests / shutdown)."""

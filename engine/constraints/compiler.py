@@ -7,6 +7,7 @@ and build the outlines_core ``Index`` of ``(regex)END``, within the complexity b
 (:mod:`engine.constraints.limits`) and a timeout. Results are kept in an LRU cache, and callers
 of a spec that is still compiling wait on that one compilation.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -36,7 +37,7 @@ def _canonical(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-_JOB_GRACE = 30.0   # how long past its deadline a caller waits for a job to report (kill + reap)
+_JOB_GRACE = 30.0  # how long past its deadline a caller waits for a job to report (kill + reap)
 
 
 class _Job:
@@ -88,12 +89,21 @@ class ConstraintCompiler:
       :func:`engine.constraints.compile_worker.default_pool`).
     """
 
-    def __init__(self, tokenizer, *, vocab_size: int | None = None, eos_token_ids=None,
-                 family: str | None = None,
-                 whitespace_pattern: str = DEFAULT_WHITESPACE, max_parallel_calls: int = 8,
-                 cache_size: int = 64, max_abandoned: int = 4,
-                 json_object_regex: str | None = None, limits: ConstraintLimits | None = None,
-                 pool: CompilePool | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        vocab_size: int | None = None,
+        eos_token_ids=None,
+        family: str | None = None,
+        whitespace_pattern: str = DEFAULT_WHITESPACE,
+        max_parallel_calls: int = 8,
+        cache_size: int = 64,
+        max_abandoned: int = 4,
+        json_object_regex: str | None = None,
+        limits: ConstraintLimits | None = None,
+        pool: CompilePool | None = None,
+    ):
         self.tokenizer = tokenizer
         self.vocab = get_token_vocab(tokenizer, eos_token_ids)
         # the model's logits size (may exceed the tokenizer's); masks are sized from the
@@ -116,8 +126,13 @@ class ConstraintCompiler:
         # a warm worker with this vocabulary loaded, so the first compile pays no start-up
         self.pool.ensure_warm(self.vocab.outlines_payload())
 
-    def configure(self, *, limits: ConstraintLimits | None = None, workers: int | None = None,
-                  worker_memory_bytes: int | None | bool = False) -> None:
+    def configure(
+        self,
+        *,
+        limits: ConstraintLimits | None = None,
+        workers: int | None = None,
+        worker_memory_bytes: int | None | bool = False,
+    ) -> None:
         """Set the complexity budget and the worker pool's size / memory limit (None: none)."""
         if limits is not None:
             self.limits = limits
@@ -140,7 +155,7 @@ class ConstraintCompiler:
                 self._cache.move_to_end(key)
                 self.hits += 1
                 return hit
-        key, build = self._plan(spec)      # validation only on a miss
+        key, build = self._plan(spec)  # validation only on a miss
         timeout = timeout if timeout and timeout > 0 else None
         deadline = time.monotonic() + timeout if timeout else None
         with self._lock:
@@ -156,8 +171,9 @@ class ConstraintCompiler:
                 # on 128k vocabularies): it is never killed, a caller's timeout only stops waiting
                 job = _Job(None if spec.kind == "json_object" else deadline, timeout, spec.kind)
                 self._inflight[key] = job
-                threading.Thread(target=self._worker, args=(key, build, job), daemon=True,
-                                 name="constraint-compile").start()
+                threading.Thread(
+                    target=self._worker, args=(key, build, job), daemon=True, name="constraint-compile"
+                ).start()
         if job.deadline is not None and (deadline is None or job.deadline <= deadline):
             # the job ends by its own deadline (its worker killed): wait for that, so that on
             # return nothing of it is left running
@@ -170,11 +186,12 @@ class ConstraintCompiler:
             # the job goes on (json_object, a prewarm, another caller's longer timeout)
             if spec.kind == "json_object":
                 raise ConstraintBusy(
-                    "the json_object constraint is still being compiled (once per server); retry "
-                    "in a few seconds", retry_after=max(1, math.ceil(timeout or 1))) from None
+                    "the json_object constraint is still being compiled (once per server); retry in a few seconds",
+                    retry_after=max(1, math.ceil(timeout or 1)),
+                ) from None
             raise ConstraintTooComplex(
-                f"schema too complex: compiling the {spec.kind} constraint took longer "
-                f"than {timeout:g}s") from None
+                f"schema too complex: compiling the {spec.kind} constraint took longer than {timeout:g}s"
+            ) from None
 
     def prewarm(self, specs=None) -> None:
         """Start compiling ``specs`` (default: json_object), with no timeout, and return at
@@ -186,13 +203,20 @@ class ConstraintCompiler:
                     continue
                 job = _Job(None, None, spec.kind)
                 self._inflight[key] = job
-                threading.Thread(target=self._worker, args=(key, build, job), daemon=True,
-                                 name="constraint-prewarm").start()
+                threading.Thread(
+                    target=self._worker, args=(key, build, job), daemon=True, name="constraint-prewarm"
+                ).start()
 
     def cache_info(self) -> dict:
         with self._lock:
-            info = {"size": len(self._cache), "max": self.cache_size, "hits": self.hits,
-                    "misses": self.misses, "inflight": len(self._inflight), "abandoned": 0}
+            info = {
+                "size": len(self._cache),
+                "max": self.cache_size,
+                "hits": self.hits,
+                "misses": self.misses,
+                "inflight": len(self._inflight),
+                "abandoned": 0,
+            }
         info["pool"] = self.pool.info()
         return info
 
@@ -208,17 +232,18 @@ class ConstraintCompiler:
         except CompileTimeout:
             err = ConstraintTooComplex(
                 f"schema too complex: compiling the {job.kind} constraint took longer than "
-                f"{job.timeout:g}s (server limit --compile-timeout)")
+                f"{job.timeout:g}s (server limit --compile-timeout)"
+            )
         except CompilerBusy as e:
             err = ConstraintBusy(
                 f"the constraint compiler is busy: {e} for {job.timeout:g}s; retry later",
-                retry_after=max(1, math.ceil(job.timeout or 1)))
+                retry_after=max(1, math.ceil(job.timeout or 1)),
+            )
         except WorkerDied as e:
-            err = ConstraintTooComplex(
-                f"schema too complex: compiling the {job.kind} constraint failed: {e}")
-        except CompilerUnavailable as e:    # a server fault: not a ConstraintError (a 500 upstream)
+            err = ConstraintTooComplex(f"schema too complex: compiling the {job.kind} constraint failed: {e}")
+        except CompilerUnavailable as e:  # a server fault: not a ConstraintError (a 500 upstream)
             err = e
-        except BaseException as e:          # incl. pyo3 PanicException (a BaseException)
+        except BaseException as e:  # incl. pyo3 PanicException (a BaseException)
             err = ConstraintError(f"could not compile the constraint: {e}")
         with self._lock:
             self._inflight.pop(key, None)
@@ -236,8 +261,7 @@ class ConstraintCompiler:
         """outlines regexes of (enforceable) schemas, written in a worker; ConstraintTooComplex
         as soon as their total length passes the limit."""
         limit = self.limits.max_regex_chars or None
-        status, payload = self.pool.call(
-            ("regexes", [_canonical(s) for s in schemas], self.ws, limit), deadline)
+        status, payload = self.pool.call(("regexes", [_canonical(s) for s in schemas], self.ws, limit), deadline)
         if status == "ok":
             return payload
         if status == "schema_error":
@@ -245,20 +269,22 @@ class ConstraintCompiler:
             raise ConstraintError(f"unsupported {whats[i]}: {msg}")
         if status == "limit":
             _, total, _i = payload
-            msg = (f"schema too complex: {where} compiles to a regex of at least {total:,} "
-                   f"characters; the limit is {limit:,} (server limit --max-constraint-regex)")
-            (n, path), w = max(((_optional_hotspot(s), w) for s, w in zip(schemas, whats)),
-                               key=lambda t: t[0][0])
+            msg = (
+                f"schema too complex: {where} compiles to a regex of at least {total:,} "
+                f"characters; the limit is {limit:,} (server limit --max-constraint-regex)"
+            )
+            (n, path), w = max(((_optional_hotspot(s), w) for s, w in zip(schemas, whats)), key=lambda t: t[0][0])
             if n >= 8:
-                msg += (f". The largest cost is the object at {path} of the {w}: {n} properties, "
-                        "none required; outlines writes one alternative per property of such an "
-                        "object, so its regex grows with the square of the property count: mark "
-                        "properties required, or use fewer")
+                msg += (
+                    f". The largest cost is the object at {path} of the {w}: {n} properties, "
+                    "none required; outlines writes one alternative per property of such an "
+                    "object, so its regex grows with the square of the property count: mark "
+                    "properties required, or use fewer"
+                )
             raise ConstraintTooComplex(msg)
         raise ConstraintError(f"could not compile the constraint: {payload}")
 
-    def _index(self, regex: str, extra_ids=(), deadline=None, what: str = "the constraint",
-               budget: bool = True):
+    def _index(self, regex: str, extra_ids=(), deadline=None, what: str = "the constraint", budget: bool = True):
         """(outlines_core Index of ``(regex)END``, stats), built in a worker process within
         ``deadline``; ``budget``: check the state / transition limits first."""
         lim = self.limits
@@ -267,22 +293,28 @@ class ConstraintCompiler:
         max_trans = (lim.max_transitions or None) if budget else None
         vocab = self.vocab.outlines_payload(tuple(extra_ids))
         status, payload = self.pool.call(
-            ("index", vocab[0], "(" + regex + ")" + END, END.encode("utf-8"), SENTINEL_ID, size,
-             max_states, max_trans), deadline, vocab=vocab)
+            ("index", vocab[0], "(" + regex + ")" + END, END.encode("utf-8"), SENTINEL_ID, size, max_states, max_trans),
+            deadline,
+            vocab=vocab,
+        )
         if status == "ok":
             return payload
         if status == "limit":
             which, n, limit = payload
             if which == "states":
-                msg = (f"schema too complex: {what} compiles to an automaton of {n:,} states; the "
-                       f"limit is {limit:,} for this {size:,}-token vocabulary (server limit "
-                       "--max-constraint-states). Long maxLength / maxItems / minItems, big enums "
-                       "and many properties are what add states")
+                msg = (
+                    f"schema too complex: {what} compiles to an automaton of {n:,} states; the "
+                    f"limit is {limit:,} for this {size:,}-token vocabulary (server limit "
+                    "--max-constraint-states). Long maxLength / maxItems / minItems, big enums "
+                    "and many properties are what add states"
+                )
             else:
-                msg = (f"schema too complex: {what} would need a token index of about {n:,} "
-                       f"transitions; the limit is {limit:,} (server limit "
-                       "--max-constraint-transitions). Every character a string may still take "
-                       "(maxLength) is a state that allows nearly every token")
+                msg = (
+                    f"schema too complex: {what} would need a token index of about {n:,} "
+                    f"transitions; the limit is {limit:,} (server limit "
+                    "--max-constraint-transitions). Every character a string may still take "
+                    "(maxLength) is a state that allows nearly every token"
+                )
             raise ConstraintTooComplex(msg)
         msg = payload if isinstance(payload, str) else str(payload)
         raise ConstraintError(f"could not compile the constraint: {msg}")
@@ -296,8 +328,13 @@ class ConstraintCompiler:
             if kind == "json_schema":
                 return ("json_schema", _canonical(spec.schema))
             if kind == "tools":
-                return ("tools", self.family, _canonical(spec.tool_choice),
-                        bool(spec.parallel_tool_calls), _canonical(spec.tools))
+                return (
+                    "tools",
+                    self.family,
+                    _canonical(spec.tool_choice),
+                    bool(spec.parallel_tool_calls),
+                    _canonical(spec.tools),
+                )
         except (TypeError, ValueError):
             return None
         return None
@@ -310,6 +347,7 @@ class ConstraintCompiler:
         if key is None and kind in ("json_object", "json_schema", "tools"):
             raise ConstraintError(f"{kind} constraint is not valid JSON")
         if kind == "json_object":
+
             def build(deadline):
                 rx = self.json_object_regex
                 # the server's own regex: the timeout applies, the client budget does not
@@ -317,6 +355,7 @@ class ConstraintCompiler:
                 c = CompiledConstraint(kind=kind, mode="full", vocab=self.vocab, index=index, regex=rx)
                 c.compile_stats = stats
                 return c
+
             return key, build
         if kind == "json_schema":
             schema = spec.schema
@@ -325,16 +364,16 @@ class ConstraintCompiler:
             schema = enforceable_schema(schema, "JSON schema")
 
             def build(deadline):
-                rx, = self._schema_regexes([schema], ["JSON schema"], deadline, "the JSON schema")
+                (rx,) = self._schema_regexes([schema], ["JSON schema"], deadline, "the JSON schema")
                 index, stats = self._index(rx, (), deadline, "the JSON schema")
                 c = CompiledConstraint(kind=kind, mode="full", vocab=self.vocab, index=index, regex=rx)
                 c.compile_stats = stats
                 return c
+
             return key, build
         if kind == "tools":
             return key, self._plan_tools(spec)
-        raise ConstraintError(f"unknown constraint kind {kind!r} "
-                              "(expected json_object, json_schema or tools)")
+        raise ConstraintError(f"unknown constraint kind {kind!r} (expected json_object, json_schema or tools)")
 
     def _plan_tools(self, spec: ConstraintSpec):
         params = check_tools(spec.tools)
@@ -342,21 +381,21 @@ class ConstraintCompiler:
             check_representable(t, f"tools[{i}] ({t['name']!r})")
         names = list(params)
         choice = spec.tool_choice if spec.tool_choice is not None else "auto"
-        if isinstance(choice, dict):       # {"type":"function","function":{"name":...}}
+        if isinstance(choice, dict):  # {"type":"function","function":{"name":...}}
             choice = (choice.get("function") or {}).get("name") or choice.get("name")
         if not isinstance(choice, str) or not choice:
             raise ConstraintError("tool_choice must be 'auto', 'required', 'none' or a tool name")
         fam = self.family
         if choice == "none":
-            return lambda deadline: CompiledConstraint(kind="tools", mode="free", vocab=self.vocab,
-                                                       family=fam, tool_names=tuple(names))
+            return lambda deadline: CompiledConstraint(
+                kind="tools", mode="free", vocab=self.vocab, family=fam, tool_names=tuple(names)
+            )
         if choice in ("auto", "required"):
             allowed = names
         elif choice in params:
             allowed = [choice]
         else:
-            raise ConstraintError(f"tool_choice names an unknown function {choice!r} "
-                                  f"(defined: {', '.join(names)})")
+            raise ConstraintError(f"tool_choice names an unknown function {choice!r} (defined: {', '.join(names)})")
         whats = [f"parameters schema of tool {n!r}" for n in allowed]
         schemas = [enforceable_schema(params[n], w) for n, w in zip(allowed, whats)]
         parallel = bool(spec.parallel_tool_calls)
@@ -379,12 +418,20 @@ class ConstraintCompiler:
                         trig_ids[tag.encode("utf-8")] = tid
             index, stats = self._index(rx, extra, deadline, "the tool set")
             c = CompiledConstraint(
-                kind="tools", mode=mode, vocab=self.vocab, index=index, regex=rx,
+                kind="tools",
+                mode=mode,
+                vocab=self.vocab,
+                index=index,
+                regex=rx,
                 max_calls=self.max_parallel_calls if parallel else 1,
                 triggers=tuple(t.encode("utf-8") for t in fmt.triggers),
                 triggers_at_start_only=fmt.triggers_at_start_only,
-                trigger_token_ids=trig_ids, tag_token_ids=extra, family=fam,
-                tool_names=tuple(allowed))
+                trigger_token_ids=trig_ids,
+                tag_token_ids=extra,
+                family=fam,
+                tool_names=tuple(allowed),
+            )
             c.compile_stats = stats
             return c
+
         return build

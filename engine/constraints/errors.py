@@ -3,6 +3,7 @@
 This module imports nothing heavy (no torch, numpy or outlines_core): the server imports it to
 map a constraint error to its HTTP status without loading the engine's tensor code.
 """
+
 from __future__ import annotations
 
 __all__ = ["ConstraintError", "ConstraintTooComplex", "ConstraintBusy", "ConstraintViolation"]

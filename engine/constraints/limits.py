@@ -34,6 +34,7 @@ killed (a caller whose timeout passes first gets ConstraintBusy, 429, and the re
 for the retry); ``chatserve serve`` compiles it at start-up (``prewarm``).
 Compiled constraints are cached (LRU of 64), so a schema is compiled once per server.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class ConstraintLimits:
     max_transitions: most token transitions the Index may hold, estimated (None or 0: no limit).
     state_token_budget: states x vocabulary size that max_states=None allows.
     """
+
     max_regex_chars: int | None = 100_000
     max_states: int | None = None
     max_transitions: int | None = 10_000_000

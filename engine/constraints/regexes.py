@@ -6,13 +6,14 @@ worker, see :mod:`engine.constraints.compile_worker`).
 
 They use the Rust ``regex`` syntax outlines_core reads. No torch or numpy here.
 """
+
 from __future__ import annotations
 
 import json
 
 __all__ = ["DEFAULT_WHITESPACE", "build_json_object_regex", "tool_calls_regex"]
 
-DEFAULT_WHITESPACE = r"[ ]?"   # at most one space between JSON tokens (no whitespace loops)
+DEFAULT_WHITESPACE = r"[ ]?"  # at most one space between JSON tokens (no whitespace loops)
 
 _RE_META = set("\\.+*?()|[]{}^$#&-~")
 
@@ -34,6 +35,7 @@ def build_json_object_regex(ws: str = DEFAULT_WHITESPACE) -> str:
       or an array of (scalars | flat objects of scalars).
     """
     from outlines_core.json_schema import NUMBER, STRING
+
     w = ws
     scal = f"({STRING}|{NUMBER}|true|false|null)"
 
@@ -57,12 +59,27 @@ def tool_calls_regex(fmt, names: list[str], args_regexes: list[str], ws: str, pa
     bodies = []
     for n, args_rx in zip(names, args_regexes):
         bodies.append(
-            r"\{" + ws + r'"name"' + ws + ":" + ws
-            + _re_escape(json.dumps(n, ensure_ascii=False)) + ws + "," + ws
-            + _re_escape(json.dumps(fmt.args_key)) + ws + ":" + ws
-            + "(" + args_rx + ")" + ws + r"\}")
+            r"\{"
+            + ws
+            + r'"name"'
+            + ws
+            + ":"
+            + ws
+            + _re_escape(json.dumps(n, ensure_ascii=False))
+            + ws
+            + ","
+            + ws
+            + _re_escape(json.dumps(fmt.args_key))
+            + ws
+            + ":"
+            + ws
+            + "("
+            + args_rx
+            + ")"
+            + ws
+            + r"\}"
+        )
     call = "(" + "|".join(bodies) + ")"
-    if parallel:     # X+ keeps one copy of the call automaton (X(sep X)* has two)
-        return (fmt.first_prefix_re + "(" + fmt.prefix_re + call + fmt.suffix_re
-                + fmt.repeat_sep_re + ")+")
+    if parallel:  # X+ keeps one copy of the call automaton (X(sep X)* has two)
+        return fmt.first_prefix_re + "(" + fmt.prefix_re + call + fmt.suffix_re + fmt.repeat_sep_re + ")+"
     return fmt.first_prefix_re + fmt.prefix_re + call + fmt.suffix_re + fmt.trailing_re

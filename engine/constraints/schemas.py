@@ -13,6 +13,7 @@ The compiler runs all four for its direct callers; the server calls :func:`check
 the field), so a schema or tool set it accepted passes them again in the compiler. This module
 imports no torch, numpy or outlines_core.
 """
+
 from __future__ import annotations
 
 import jsonschema
@@ -24,7 +25,7 @@ from .vocabulary import UNREPRESENTABLE
 
 __all__ = ["EMPTY_PARAMS", "check_schema", "check_tools", "check_representable", "enforceable_schema"]
 
-EMPTY_PARAMS = {"type": "object", "properties": {}}   # the parameters of a tool that declares none
+EMPTY_PARAMS = {"type": "object", "properties": {}}  # the parameters of a tool that declares none
 
 
 def check_schema(schema, what: str, *, tool_index: int | None = None) -> None:
@@ -38,9 +39,8 @@ def check_schema(schema, what: str, *, tool_index: int | None = None) -> None:
         cls.check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
-        raise ConstraintError(
-            f"{what} is not a valid JSON schema: {e.message} (at {where})", **where_tool) from None
-    except Exception as e:                              # e.g. unresolvable $schema
+        raise ConstraintError(f"{what} is not a valid JSON schema: {e.message} (at {where})", **where_tool) from None
+    except Exception as e:  # e.g. unresolvable $schema
         raise ConstraintError(f"{what} is not a valid JSON schema: {e}", **where_tool) from None
 
 
@@ -62,11 +62,11 @@ def check_tools(tools) -> dict[str, dict]:
     for i, t in enumerate(flat):
         name = t.get("name")
         if not isinstance(name, str) or not name:
-            raise ConstraintError(f"tools[{i}]: function name must be a non-empty string",
-                                  tool_index=i, tool_field="name")
+            raise ConstraintError(
+                f"tools[{i}]: function name must be a non-empty string", tool_index=i, tool_field="name"
+            )
         if name in params:
-            raise ConstraintError(f"tools[{i}]: duplicate function name {name!r}",
-                                  tool_index=i, tool_field="name")
+            raise ConstraintError(f"tools[{i}]: duplicate function name {name!r}", tool_index=i, tool_field="name")
         p = t.get("parameters")
         if p is None or p == {}:
             p = EMPTY_PARAMS
@@ -85,7 +85,7 @@ def check_representable(obj, what: str) -> None:
     it is refused up front instead. The whole definition is checked, descriptions included: one
     rule for the client to read rather than a list of keywords that feed the regex.
     """
-    todo = [(obj, "")]          # iterative: a deeply nested schema must not hit the recursion limit
+    todo = [(obj, "")]  # iterative: a deeply nested schema must not hit the recursion limit
     while todo:
         node, path = todo.pop()
         if isinstance(node, str):
@@ -94,7 +94,8 @@ def check_representable(obj, what: str) -> None:
                 raise ConstraintError(
                     f"{what} contains the character U+{ord(m.group()):06X} at {path or '/'}; constrained "
                     "decoding cannot produce characters in U+100000..U+10FFFF (supplementary private "
-                    "use area B)")
+                    "use area B)"
+                )
         elif isinstance(node, dict):
             for k, v in reversed(node.items()):
                 todo.append((v, f"{path}/{k}"))
@@ -105,10 +106,29 @@ def check_representable(obj, what: str) -> None:
 
 # Keywords outlines_core's regex builder accepts but does not enforce: the output could then break
 # its own schema, so a schema that uses them is refused rather than silently loosened.
-_UNENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
-               "minProperties", "maxProperties", "not", "if", "then", "else", "dependentRequired",
-               "dependentSchemas", "contains", "minContains", "maxContains", "propertyNames",
-               "patternProperties", "unevaluatedProperties", "unevaluatedItems")
+_UNENFORCED = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentRequired",
+    "dependentSchemas",
+    "contains",
+    "minContains",
+    "maxContains",
+    "propertyNames",
+    "patternProperties",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+)
 _MAX_INT_ENUM = 1000
 
 
@@ -135,15 +155,25 @@ def enforceable_schema(schema, what: str = "JSON schema", path: str = ""):
         lo = out["exclusiveMinimum"] + 1
     if isinstance(out.get("exclusiveMaximum"), int) and hi is None:
         hi = out["exclusiveMaximum"] - 1
-    if (out.get("type") == "integer" and isinstance(lo, int) and isinstance(hi, int)
-            and 0 <= hi - lo < _MAX_INT_ENUM and "multipleOf" not in out):
+    if (
+        out.get("type") == "integer"
+        and isinstance(lo, int)
+        and isinstance(hi, int)
+        and 0 <= hi - lo < _MAX_INT_ENUM
+        and "multipleOf" not in out
+    ):
         for key in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
             out.pop(key, None)
         out["enum"] = list(range(lo, hi + 1))
     for key in _UNENFORCED:
         if key in out:
-            hint = (f" (an integer range with both bounds and at most {_MAX_INT_ENUM} values is supported)"
-                    if key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") else "")
-            raise ConstraintError(f"{what} uses the unsupported keyword '{key}' at {path or '/'}: "
-                                  f"constrained decoding cannot enforce it{hint}")
+            hint = (
+                f" (an integer range with both bounds and at most {_MAX_INT_ENUM} values is supported)"
+                if key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+                else ""
+            )
+            raise ConstraintError(
+                f"{what} uses the unsupported keyword '{key}' at {path or '/'}: "
+                f"constrained decoding cannot enforce it{hint}"
+            )
     return out

@@ -24,6 +24,7 @@ from then on every token is constrained to the call body + closing tag (+ furthe
 If that text cannot start a call (e.g. a token "> I" after "<tool_call"), the state stays free and
 keeps watching.
 """
+
 from __future__ import annotations
 
 import threading
@@ -36,7 +37,7 @@ from .vocabulary import SENTINEL_ID, TokenVocab
 
 __all__ = ["CompiledConstraint", "ConstraintState"]
 
-_EOS_ONLY = -1          # mask-cache key: only EOS allowed
+_EOS_ONLY = -1  # mask-cache key: only EOS allowed
 _MAX_MASK_BYTES = 64 << 20  # per compiled constraint and device/size/dtype; then start over
 
 
@@ -48,12 +49,23 @@ class CompiledConstraint:
     constrained: tool_choice="auto"), or "free" (no constraint: tool_choice="none").
     """
 
-    def __init__(self, *, kind: str, mode: str, vocab: TokenVocab, index=None,
-                 regex: str | None = None, max_calls: int | None = None,
-                 triggers: tuple[bytes, ...] = (), triggers_at_start_only: bool = False,
-                 trigger_token_ids: dict | None = None, tag_token_ids=(),
-                 family: str | None = None,
-                 tool_names: tuple[str, ...] = (), compile_seconds: float = 0.0):
+    def __init__(
+        self,
+        *,
+        kind: str,
+        mode: str,
+        vocab: TokenVocab,
+        index=None,
+        regex: str | None = None,
+        max_calls: int | None = None,
+        triggers: tuple[bytes, ...] = (),
+        triggers_at_start_only: bool = False,
+        trigger_token_ids: dict | None = None,
+        tag_token_ids=(),
+        family: str | None = None,
+        tool_names: tuple[str, ...] = (),
+        compile_seconds: float = 0.0,
+    ):
         self.kind = kind
         self.mode = mode
         self.vocab = vocab
@@ -70,23 +82,25 @@ class CompiledConstraint:
         self.family = family
         self.tool_names = tool_names
         self.compile_seconds = compile_seconds
-        self.compile_stats: dict = {}   # worker timings / automaton size (probe_s, index_s, states)
+        self.compile_stats: dict = {}  # worker timings / automaton size (probe_s, index_s, states)
         self.eos_token_ids = vocab.eos_token_ids
         self._eos_set = frozenset(vocab.eos_token_ids)
         self._oc_eos = vocab.eos_token_ids[0]
         self._initial = index.get_initial_state() if index is not None else None
-        self._masks: dict = {}      # (device, size, dtype) -> {state key: 0/-inf tensor}
-        self._by_sig: dict = {}     # (device, size, dtype) -> {allowed-set signature: tensor}
+        self._masks: dict = {}  # (device, size, dtype) -> {state key: 0/-inf tensor}
+        self._by_sig: dict = {}  # (device, size, dtype) -> {allowed-set signature: tensor}
         self._final_cache: dict = {}
         self._walks: dict = {}
         self._mask_lock = threading.Lock()
         self._max_trigger = max((len(t) for t in triggers), default=0)
 
     def __repr__(self):
-        return (f"CompiledConstraint(kind={self.kind!r}, mode={self.mode!r}, "
-                f"family={self.family!r}, regex_len={len(self.regex or '')})")
+        return (
+            f"CompiledConstraint(kind={self.kind!r}, mode={self.mode!r}, "
+            f"family={self.family!r}, regex_len={len(self.regex or '')})"
+        )
 
-    def new_state(self) -> "ConstraintState":
+    def new_state(self) -> ConstraintState:
         return ConstraintState(self)
 
     # -- index helpers -------------------------------------------------------------
@@ -137,8 +151,11 @@ class CompiledConstraint:
             return np.array(sorted(self.eos_token_ids), dtype=np.int64)
         ids = np.array(self.index.get_allowed_tokens(state_key), dtype=np.int64)
         drop = [self._oc_eos, SENTINEL_ID]
-        if self.tag_token_ids and self._probe is not None and \
-                self.index.get_next_state(state_key, self._probe) is not None:
+        if (
+            self.tag_token_ids
+            and self._probe is not None
+            and self.index.get_next_state(state_key, self._probe) is not None
+        ):
             # a letter fits here: free text (a JSON string), not a place for a tag token
             drop += list(self.tag_token_ids)
         ids = ids[~np.isin(ids, drop)]
@@ -189,16 +206,15 @@ class ConstraintState:
     exactly when the output is complete (``is_complete``).
     """
 
-    __slots__ = ("c", "_state", "_final", "_calls", "_free", "_scan", "_tail", "_lead",
-                 "done", "triggered", "n_tokens")
+    __slots__ = ("c", "_state", "_final", "_calls", "_free", "_scan", "_tail", "_lead", "done", "triggered", "n_tokens")
 
     def __init__(self, compiled: CompiledConstraint):
         self.c = compiled
         self._calls = 0
         self._tail = b""
         self._lead = b""
-        self.done = False            # EOS consumed
-        self.triggered = False       # (triggered mode) the call part has started
+        self.done = False  # EOS consumed
+        self.triggered = False  # (triggered mode) the call part has started
         self.n_tokens = 0
         if compiled.mode == "full":
             self._free = False
@@ -243,8 +259,7 @@ class ConstraintState:
         """Set disallowed entries of a 1-D logits row to -inf in place; returns it."""
         if self._free or self.done:
             return logits_row
-        m = self.c.mask_for(self._state_key(), logits_row.device, logits_row.shape[-1],
-                            logits_row.dtype)
+        m = self.c.mask_for(self._state_key(), logits_row.device, logits_row.shape[-1], logits_row.dtype)
         if logits_row.is_cpu and logits_row.dtype == torch.float32 and not logits_row.requires_grad:
             # numpy's add is single-threaded: torch's add_ on >32k elements goes through the
             # intra-op thread pool, which costs ms instead of us when CPUs are contended
@@ -299,9 +314,9 @@ class ConstraintState:
                     self._enter(s, trig)
                     return
             if any(trig.startswith(s) for trig in c.triggers):
-                self._lead = lead              # undecided ("<|py...")
+                self._lead = lead  # undecided ("<|py...")
                 return
-            self._scan = False                 # the reply is plain text: stop looking
+            self._scan = False  # the reply is plain text: stop looking
             self._lead = b""
             return
         buf = self._tail + tb
@@ -318,7 +333,7 @@ class ConstraintState:
             if self._enter(buf[pos:], trig):
                 self._tail = b""
                 return
-            buf = buf[pos + 1:]                # not a valid call start: keep looking
+            buf = buf[pos + 1 :]  # not a valid call start: keep looking
 
     def _enter(self, text: bytes, trig: bytes) -> bool:
         """Walk the index over ``text`` (trigger + any overshoot of the last token)."""
@@ -330,7 +345,7 @@ class ConstraintState:
         if tid is not None:
             nxt = index.get_next_state(state, tid)
             if nxt is not None:
-                state, rest = nxt, text[len(trig):]
+                state, rest = nxt, text[len(trig) :]
         bt = c.vocab.byte_token
         for b in rest:
             t = bt[b]

@@ -12,6 +12,7 @@ positions, never inside JSON strings.)
 The END sentinel pseudo-token that marks a complete output lives here too (see ``END``).
 No torch or numpy here; outlines_core is imported when an outlines vocabulary is first built.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from engine.detokenize import byte_decoder
 
 __all__ = ["TokenVocab", "get_token_vocab", "END", "SENTINEL_ID", "UNREPRESENTABLE"]
 
-_UNICODE_TO_BYTE = byte_decoder()   # GPT-2 byte-level BPE: printable char -> byte
+_UNICODE_TO_BYTE = byte_decoder()  # GPT-2 byte-level BPE: printable char -> byte
 
 # END sentinel. outlines_core 0.2.14's Index only keeps, out of a *final* state, the
 # tokens whose walk ends in a final state again: with regex "(ab)+", after "ab" the
@@ -35,11 +36,11 @@ _UNICODE_TO_BYTE = byte_decoder()   # GPT-2 byte-level BPE: printable char -> by
 # "<regex>END", where END is one private-use character spelled only by a pseudo-token
 # (SENTINEL_ID, never sampled, filtered out of every mask): no real state is final, and
 # "complete" means "the sentinel could be consumed here".
-END = "\U0010FFFD"
+END = "\U0010fffd"
 SENTINEL_ID = 2**31 - 3
 # What constrained output cannot contain: END itself, and every other code point whose UTF-8
 # starts with 0xF4 (no real token may hold that byte, see TokenVocab.outlines_vocabulary).
-UNREPRESENTABLE = re.compile("[\U00100000-\U0010FFFF]")
+UNREPRESENTABLE = re.compile("[\U00100000-\U0010ffff]")
 _SPIECE = "\u2581"
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -82,6 +83,7 @@ class TokenVocab:
     base_map: bytes -> ids for every other token (the outlines_core vocabulary).
     byte_token[b]: a non-special token id whose text is exactly the single byte b.
     """
+
     eos_token_ids: tuple[int, ...]
     token_bytes: list
     special_ids: frozenset
@@ -103,8 +105,7 @@ class TokenVocab:
         want = text.encode("utf-8")
         with self._lock:
             if want not in self._text_ids:
-                self._text_ids[want] = next(
-                    (i for i, b in enumerate(self.token_bytes) if b == want), None)
+                self._text_ids[want] = next((i for i, b in enumerate(self.token_bytes) if b == want), None)
             return self._text_ids[want]
 
     def outlines_vocabulary(self, extra_ids: tuple[int, ...] = ()):
@@ -116,6 +117,7 @@ class TokenVocab:
         supplementary private use area B, which constrained output therefore cannot
         contain)."""
         import outlines_core as oc
+
         key = tuple(sorted(set(extra_ids)))
         with self._lock:
             v = self._oc_vocabs.get(key)
@@ -142,10 +144,11 @@ class TokenVocab:
                 with self._lock:
                     self._payloads[key] = p
             return p
+
         return f"{self.uid}:{','.join(map(str, key))}", payload
 
 
-_VOCAB_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VOCAB_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _VOCAB_CACHE_LOCK = threading.Lock()
 
 
@@ -186,7 +189,7 @@ def _build_token_vocab(tokenizer, eos_ids: tuple[int, ...]) -> TokenVocab:
         else:
             b = legacy(tok)
         token_bytes[i] = b
-    for i, t in added.items():        # added tokens missing from get_vocab()
+    for i, t in added.items():  # added tokens missing from get_vocab()
         if token_bytes[i] is None:
             token_bytes[i] = t.content.encode("utf-8")
 
@@ -198,9 +201,14 @@ def _build_token_vocab(tokenizer, eos_ids: tuple[int, ...]) -> TokenVocab:
         base_map.setdefault(b, []).append(i)
         if len(b) == 1 and byte_token[b[0]] is None:
             byte_token[b[0]] = i
-    return TokenVocab(eos_token_ids=eos_ids, token_bytes=token_bytes,
-                      special_ids=frozenset(special), base_map=base_map,
-                      byte_token=byte_token, decoder_kind=kind)
+    return TokenVocab(
+        eos_token_ids=eos_ids,
+        token_bytes=token_bytes,
+        special_ids=frozenset(special),
+        base_map=base_map,
+        byte_token=byte_token,
+        decoder_kind=kind,
+    )
 
 
 def get_token_vocab(tokenizer, eos_token_ids=None) -> TokenVocab:
@@ -216,7 +224,7 @@ def get_token_vocab(tokenizer, eos_token_ids=None) -> TokenVocab:
     with _VOCAB_CACHE_LOCK:
         try:
             per_tok = _VOCAB_CACHE.setdefault(tokenizer, {})
-        except TypeError:          # not weak-referenceable: cache on the object
+        except TypeError:  # not weak-referenceable: cache on the object
             per_tok = tokenizer.__dict__.setdefault("_chatserve_token_vocab", {})
         tv = per_tok.get(eos)
         if tv is None:

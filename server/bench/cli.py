@@ -8,9 +8,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
 
 import httpx
 
@@ -25,7 +25,7 @@ def _concurrency_list(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not vals or any(v < 1 for v in vals):
         raise argparse.ArgumentTypeError("concurrency values must be >= 1")
     return vals
@@ -41,7 +41,9 @@ def _positive_float(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser`` (a subparser of ``chatserve``)."""
     g = parser.add_argument_group("target")
-    g.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL (default: %(default)s)")
+    g.add_argument(
+        "--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible base URL (default: %(default)s)"
+    )
     g.add_argument("--model", default=None, help="model id to send (default: the first id from GET {base-url}/models)")
     g.add_argument(
         "--api-key",
@@ -68,11 +70,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="requests per run (default: max(4*concurrency, 16); open loop without cap: max(16, 10*rate))",
     )
-    g.add_argument("--warmup", type=int, default=1, help="unmeasured requests sent before the first run (default: %(default)s)")
+    g.add_argument(
+        "--warmup", type=int, default=1, help="unmeasured requests sent before the first run (default: %(default)s)"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for Poisson arrival times (default: %(default)s)")
     g = parser.add_argument_group("requests")
     g.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request (default: %(default)s)")
-    g.add_argument("--prompt", action="append", default=None, help="user prompt (repeatable; default: built-in long-answer prompts)")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="user prompt (repeatable; default: built-in long-answer prompts)",
+    )
     g.add_argument(
         "--prompt-file",
         default=None,
@@ -83,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--ignore-eos",
         action="store_true",
-        help='send "ignore_eos": true and "min_tokens": max_tokens (chatserve, vLLM) so every answer is max_tokens long',
+        help='send "ignore_eos": true and "min_tokens": max_tokens (chatserve, vLLM) so every answer is '
+        "max_tokens long",
     )
     g.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: %(default)s)")

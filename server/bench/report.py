@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .stats import PERCENTILES
+
 
 def run_label(run: dict) -> str:
     if run.get("mode") == "open":
@@ -53,9 +55,7 @@ def format_report(runs: Sequence[dict]) -> str:
     for r in runs:
         for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E")):
             s = r[key]
-            lrows.append(
-                [run_label(r), name, _fmt(s["mean"]), *(_fmt(s[f"p{p}"]) for p in PERCENTILES), str(s["n"])]
-            )
+            lrows.append([run_label(r), name, _fmt(s["mean"]), *(_fmt(s[f"p{p}"]) for p in PERCENTILES), str(s["n"])])
     out.append(_table(["run", "latency (ms)", "mean", *(f"p{p}" for p in PERCENTILES), "n"], lrows))
     notes = []
     for r in runs:
