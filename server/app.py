@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -21,9 +20,10 @@ from engine.request import GenerationRequest
 from engine.scheduler import EngineOverloaded
 
 from . import __version__, openapi
-from .errors import APIError, bad_request
+from .auth import APIKeyMiddleware
+from .errors import APIError, add_error_handlers, bad_request, error_response
 from .logs import HEADER as REQUEST_ID_HEADER
-from .logs import RequestLogMiddleware, note, request_info
+from .logs import RequestLogMiddleware, note
 from .media import MediaLimits, load_images
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, MetricsMiddleware
@@ -128,28 +128,6 @@ async def _until_disconnect(request: Request, coro):
     return work.result()
 
 
-class APIKeyMiddleware:
-    """Plain ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes)."""
-
-    def __init__(self, app, api_key: str, on_error, protect: tuple[str, ...] = ("/v1/",)):
-        self.app = app
-        self.key = api_key.encode()
-        self.on_error = on_error
-        self.protect = protect
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith(self.protect):
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                response = self.on_error(
-                    APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def _wants_tools(v: ValidatedRequest) -> bool:
     return v.constraint is not None and v.constraint.kind == "tools"
 
@@ -185,43 +163,7 @@ def create_app(
     metrics = metrics or Metrics({m.name: m.engine for m in router.models})
     app.state.draining = False  # set on SIGTERM (server/cli.py): new requests get 503, /ready says no
 
-    def error_response(exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
-
-    @app.exception_handler(APIError)
-    async def _api_error(_request: Request, exc: APIError):
-        return error_response(exc)
-
-    @app.exception_handler(404)
-    async def _not_found(request: Request, _exc):
-        return error_response(APIError(404, f"no route {request.method} {request.url.path}", code="not_found"))
-
-    @app.exception_handler(405)
-    async def _bad_method(request: Request, exc):
-        # Starlette's 405 carries the Allow header (RFC 9110 requires it); keep it
-        return error_response(
-            APIError(
-                405,
-                f"method {request.method} not allowed on {request.url.path}",
-                code="method_not_allowed",
-                headers=getattr(exc, "headers", None),
-            )
-        )
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        # answered by Starlette's outermost middleware, outside the request-id one: the id is taken
-        # from the request's state, where that one put it
-        rid = request_info(request.scope).get("request_id")
-        log.exception("unhandled error", extra={"request_id": rid})
-        return error_response(
-            APIError(
-                500,
-                f"internal error: {type(exc).__name__}",
-                code="internal_error",
-                headers={REQUEST_ID_HEADER: rid} if rid else None,
-            )
-        )
+    add_error_handlers(app)
 
     # Middlewares, innermost first (each added one wraps the ones before): metrics (per model, so
     # inside the routes' model choice), the API key, CORS (outside the key check, so preflights and
