@@ -6,7 +6,7 @@ batching engine as chat (each choice is one engine request). `echo` puts the pro
 completion; with `logprobs` it brings the prompt tokens' logprobs, which the engine computes in the
 prompt's prefill only when asked (SamplingParams.prompt_logprobs), so `max_tokens: 0` scores a
 prompt without generating. Validation, errors, admission (429), disconnects and SSE framing are
-chat's (server/validation.py, server/app.py).
+chat's (server/validation.py, server/plumbing.py).
 
 Every choice's first event is awaited before the reply starts, as for chat: a full queue (429) or a
 queue timeout (503) of any choice is the whole request's HTTP status, and a stream starts once
@@ -29,9 +29,19 @@ from engine.request import GenerationRequest, TokenEvent, TokenLogprob
 from engine.scheduler import EngineOverloaded
 
 from . import openapi
-from .app import ClientGone, _sse, _until_disconnect, collect_events
 from .errors import APIError
 from .logs import note
+from .plumbing import (
+    SSE_HEADERS,
+    ClientGone,
+    ServerContext,
+    collect_events,
+    first_event,
+    pick_model,
+    read_body,
+    sse,
+    until_disconnect,
+)
 from .protocol import (
     Completion,
     CompletionChoice,
@@ -159,10 +169,10 @@ def _usage(v: ValidatedCompletion, choices: list[_Choice]) -> Usage:
     )
 
 
-async def _start_all(streams, first_event) -> list[TokenEvent]:
+async def _start_all(streams, engine) -> list[TokenEvent]:
     """Submit every choice's request and wait for each one's first event; if one fails (queue full,
     queue timeout), the others are cancelled (their streams abort) and the error goes up."""
-    tasks = [asyncio.ensure_future(first_event(s)) for s in streams]
+    tasks = [asyncio.ensure_future(first_event(s, engine)) for s in streams]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
@@ -201,11 +211,8 @@ async def _merged(streams, firsts):
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-def add_completions(app: FastAPI, *, read_body, check_target, first_event, metrics) -> None:
-    """Add POST /v1/completions to the app, with chat's body reading (read_body), model routing and
-    engine check (check_target: the served model and the name to report), first-event handling
-    (first_event: queue timeouts -> 503) and metrics (each choice is timed as one chat request is;
-    requests by status are counted by the middleware)."""
+def add_completions(app: FastAPI, ctx: ServerContext) -> None:
+    """Add POST /v1/completions to the app."""
 
     @app.post(
         "/v1/completions",
@@ -220,137 +227,143 @@ def add_completions(app: FastAPI, *, read_body, check_target, first_event, metri
         },
     )
     async def completions(request: Request):
-        arrival = time.perf_counter()
-        wire = parse_body(await read_body(request), CompletionRequest)
-        served, reply_name = check_target(request, wire.model)
-        engine = served.engine
-        v = validate_completion(
-            wire,
-            vocab_size=engine.vocab_size,
-            scores_prompts=engine.scores_prompts,
-            max_choices=engine.config.max_running + engine.config.max_waiting,
-        )
-        # off the event loop: tokenizing long prompts would stall every other request meanwhile
-        await asyncio.to_thread(tokenize_and_fit, v, engine)
-        cid = _new_id()
-        choices, streams = [], []
-        for i, prompt in enumerate(v.prompts):
-            for j in range(v.n):
-                params = v.params
-                if params.seed is not None and j:
-                    params = params.replace(seed=(params.seed + j) % 2**63)
-                if params.prompt_logprobs is not None and j:
-                    params = params.replace(prompt_logprobs=None)  # choice 0's serve them all
-                index = i * v.n + j
-                timer = metrics.timer(served.name)
-                timer.arrival = arrival
-                choices.append(_Choice(index, prompt, v, timer))
-                streams.append(
-                    engine.generate(
-                        GenerationRequest(request_id=f"{cid}-{index}", prompt_ids=prompt.ids, params=params)
-                    )
-                )
-        try:
-            firsts = await _until_disconnect(request, _start_all(streams, lambda s: first_event(s, engine)))
-        except EngineOverloaded as exc:
-            await _close_all(streams)
-            raise APIError(429, str(exc), code="server_overloaded", retry_after=exc.retry_after) from None
-        except ClientGone:
-            await _close_all(streams)
-            log.info("%s client disconnected while queued; dropped", cid)
-            return Response(status_code=499)
-        except BaseException:
-            await _close_all(streams)
-            raise
-        for choice in choices:
-            choice.timer.first()
-        meta = dict(id=cid, created=int(time.time()), model=reply_name, system_fingerprint=served.fingerprint)
-        note(request, id=cid, stream=v.stream, choices=len(choices))
-        try:
-            echoes = [_echo(engine, c, firsts, v) for c in choices] if v.echo else [("", None)] * len(choices)
-        except BaseException:
-            await _close_all(streams)
-            raise
-        if v.stream:
-            return StreamingResponse(
-                _stream(request, v, choices, streams, firsts, echoes, meta),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        return await handle_completion(request, ctx)
+
+
+async def handle_completion(request: Request, ctx: ServerContext):
+    """One completion request, from its body to its response (JSON, or a stream of chunks): chat's
+    body reading, model routing and engine check, first-event handling (queue timeouts -> 503;
+    server/plumbing.py) and metrics (each choice is timed as one chat request is; requests by status
+    are counted by the middleware)."""
+    arrival = time.perf_counter()
+    wire = parse_body(await read_body(request, ctx), CompletionRequest)
+    served, reply_name = pick_model(request, ctx, wire.model)
+    engine = served.engine
+    v = validate_completion(
+        wire,
+        vocab_size=engine.vocab_size,
+        scores_prompts=engine.scores_prompts,
+        max_choices=engine.config.max_running + engine.config.max_waiting,
+    )
+    # off the event loop: tokenizing long prompts would stall every other request meanwhile
+    await asyncio.to_thread(tokenize_and_fit, v, engine)
+    cid = _new_id()
+    choices, streams = [], []
+    for i, prompt in enumerate(v.prompts):
+        for j in range(v.n):
+            params = v.params
+            if params.seed is not None and j:
+                params = params.replace(seed=(params.seed + j) % 2**63)
+            if params.prompt_logprobs is not None and j:
+                params = params.replace(prompt_logprobs=None)  # choice 0's serve them all
+            index = i * v.n + j
+            timer = ctx.metrics.timer(served.name)
+            timer.arrival = arrival
+            choices.append(_Choice(index, prompt, v, timer))
+            streams.append(
+                engine.generate(GenerationRequest(request_id=f"{cid}-{index}", prompt_ids=prompt.ids, params=params))
             )
-        return await _complete(request, v, choices, streams, firsts, echoes, meta)
-
-    def _echo(engine, choice: _Choice, firsts: list[TokenEvent], v: ValidatedCompletion):
-        first_of_prompt = firsts[choice.index - choice.index % v.n]  # the choice that scored the prompt
-        return choice.echoed(first_of_prompt.prompt_logprobs, engine)
-
-    def _done(request: Request, v: ValidatedCompletion, choices: list[_Choice]) -> None:
-        """The access line's token counts and finish reasons (server/logs.py)."""
-        usage = _usage(v, choices)
-        finishes = sorted({c.last.finish_reason for c in choices if c.last is not None})
-        note(
-            request,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.prompt_tokens_details.cached_tokens,
-            finish=",".join(finishes),
+    try:
+        firsts = await until_disconnect(request, _start_all(streams, engine))
+    except EngineOverloaded as exc:
+        await _close_all(streams)
+        raise APIError(429, str(exc), code="server_overloaded", retry_after=exc.retry_after) from None
+    except ClientGone:
+        await _close_all(streams)
+        log.info("%s client disconnected while queued; dropped", cid)
+        return Response(status_code=499)
+    except BaseException:
+        await _close_all(streams)
+        raise
+    for choice in choices:
+        choice.timer.first()
+    meta = dict(id=cid, created=int(time.time()), model=reply_name, system_fingerprint=served.fingerprint)
+    note(request, id=cid, stream=v.stream, choices=len(choices))
+    try:
+        echoes = [_echo(engine, c, firsts, v) for c in choices] if v.echo else [("", None)] * len(choices)
+    except BaseException:
+        await _close_all(streams)
+        raise
+    if v.stream:
+        return StreamingResponse(
+            _stream(request, v, choices, streams, firsts, echoes, meta),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
+    return await _complete(request, v, choices, streams, firsts, echoes, meta)
 
-    async def _complete(
-        request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes, meta
-    ):
-        try:
-            results = await _until_disconnect(request, asyncio.gather(*map(collect_events, streams, firsts)))
-        except ClientGone:
-            log.info("%s client disconnected; aborted", meta["id"])
-            return Response(status_code=499)
-        finally:
-            await _close_all(streams)
-        out = []
-        for choice, events, (echo_text, echo_lps) in zip(choices, results, echoes):
-            if events[-1].finish_reason == "error":
-                raise APIError(500, events[-1].error or "generation failed", code="engine_error")
-            parts = [choice.generated(ev) for ev in events]
-            out.append(
-                CompletionChoice(
-                    index=choice.index,
-                    text=echo_text + "".join(t for t, _ in parts),
-                    logprobs=_join([echo_lps] + [lp for _, lp in parts]),
-                    finish_reason=events[-1].finish_reason,
-                )
+
+def _echo(engine, choice: _Choice, firsts: list[TokenEvent], v: ValidatedCompletion):
+    first_of_prompt = firsts[choice.index - choice.index % v.n]  # the choice that scored the prompt
+    return choice.echoed(first_of_prompt.prompt_logprobs, engine)
+
+
+def _done(request: Request, v: ValidatedCompletion, choices: list[_Choice]) -> None:
+    """The access line's token counts and finish reasons (server/logs.py)."""
+    usage = _usage(v, choices)
+    finishes = sorted({c.last.finish_reason for c in choices if c.last is not None})
+    note(
+        request,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.prompt_tokens_details.cached_tokens,
+        finish=",".join(finishes),
+    )
+
+
+async def _complete(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes, meta):
+    try:
+        results = await until_disconnect(request, asyncio.gather(*map(collect_events, streams, firsts)))
+    except ClientGone:
+        log.info("%s client disconnected; aborted", meta["id"])
+        return Response(status_code=499)
+    finally:
+        await _close_all(streams)
+    out = []
+    for choice, events, (echo_text, echo_lps) in zip(choices, results, echoes):
+        if events[-1].finish_reason == "error":
+            raise APIError(500, events[-1].error or "generation failed", code="engine_error")
+        parts = [choice.generated(ev) for ev in events]
+        out.append(
+            CompletionChoice(
+                index=choice.index,
+                text=echo_text + "".join(t for t, _ in parts),
+                logprobs=_join([echo_lps] + [lp for _, lp in parts]),
+                finish_reason=events[-1].finish_reason,
             )
+        )
+    _done(request, v, choices)
+    return JSONResponse(Completion(**meta, choices=out, usage=_usage(v, choices)).model_dump(mode="json"))
+
+
+async def _stream(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes, meta):
+    usage_null = {"usage": None} if v.include_usage else {}
+
+    def chunk(choice: CompletionChoice) -> str:
+        d = CompletionChunk(**meta, choices=[choice]).model_dump(mode="json", exclude={"usage"})
+        d.update(usage_null)
+        return sse(d)
+
+    failed = False
+    try:
+        for choice, (text, lps) in zip(choices, echoes):
+            if v.echo:
+                yield chunk(CompletionChoice(index=choice.index, text=text, logprobs=lps))
+        async with contextlib.aclosing(_merged(streams, firsts)) as events:
+            async for i, event in events:
+                if event.finish_reason == "error":
+                    failed = True
+                    yield sse(APIError(500, event.error or "generation failed", code="engine_error").body())
+                    break
+                text, lps = choices[i].generated(event)
+                if text or (lps is not None and lps.tokens) or event.finish_reason is not None:
+                    yield chunk(CompletionChoice(index=i, text=text, logprobs=lps, finish_reason=event.finish_reason))
+        if v.include_usage and not failed:
+            yield sse(CompletionChunk(**meta, choices=[], usage=_usage(v, choices)).model_dump(mode="json"))
         _done(request, v, choices)
-        return JSONResponse(Completion(**meta, choices=out, usage=_usage(v, choices)).model_dump(mode="json"))
-
-    async def _stream(request: Request, v: ValidatedCompletion, choices: list[_Choice], streams, firsts, echoes, meta):
-        usage_null = {"usage": None} if v.include_usage else {}
-
-        def chunk(choice: CompletionChoice) -> str:
-            d = CompletionChunk(**meta, choices=[choice]).model_dump(mode="json", exclude={"usage"})
-            d.update(usage_null)
-            return _sse(d)
-
-        failed = False
-        try:
-            for choice, (text, lps) in zip(choices, echoes):
-                if v.echo:
-                    yield chunk(CompletionChoice(index=choice.index, text=text, logprobs=lps))
-            async with contextlib.aclosing(_merged(streams, firsts)) as events:
-                async for i, event in events:
-                    if event.finish_reason == "error":
-                        failed = True
-                        yield _sse(APIError(500, event.error or "generation failed", code="engine_error").body())
-                        break
-                    text, lps = choices[i].generated(event)
-                    if text or (lps is not None and lps.tokens) or event.finish_reason is not None:
-                        yield chunk(
-                            CompletionChoice(index=i, text=text, logprobs=lps, finish_reason=event.finish_reason)
-                        )
-            if v.include_usage and not failed:
-                yield _sse(CompletionChunk(**meta, choices=[], usage=_usage(v, choices)).model_dump(mode="json"))
-            _done(request, v, choices)
-            yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
-            log.info("%s client disconnected; aborted", meta["id"])
-            raise
-        finally:
-            await _close_all(streams)
+        yield "data: [DONE]\n\n"
+    except asyncio.CancelledError:
+        log.info("%s client disconnected; aborted", meta["id"])
+        raise
+    finally:
+        await _close_all(streams)
