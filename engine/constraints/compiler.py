@@ -17,9 +17,8 @@ import threading
 import time
 from collections import OrderedDict
 
-from engine.request import ConstraintSpec
-from engine.tools import FAMILIES, detect_family, get_format, normalize_tools
-
+from ..request import ConstraintSpec
+from ..tools import FAMILIES, detect_family, get_format, normalize_tools
 from .compile_worker import CompilePool, CompilerBusy, CompilerUnavailable, CompileTimeout, WorkerDied, default_pool
 from .errors import ConstraintBusy, ConstraintError, ConstraintTooComplex
 from .limits import ConstraintLimits

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import jsonschema
 
-from engine.tools import normalize_tools
-
+from ..tools import normalize_tools
 from .errors import ConstraintError
 from .vocabulary import UNREPRESENTABLE
 

@@ -23,7 +23,7 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 
-from engine.detokenize import byte_decoder
+from ..detokenize import byte_decoder
 
 __all__ = ["TokenVocab", "get_token_vocab", "END", "SENTINEL_ID", "UNREPRESENTABLE"]
 
