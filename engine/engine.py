@@ -3,7 +3,8 @@
 step() = schedule (aborts, queue timeouts, a KV slot for every running row's next token, preempting
 the newest sequence when the pool is full, which prompts start and how many of their tokens)
 -> run (one packed forward over the KV pool: every running row's next token plus this step's prompt
-chunks, engine/paged.py) -> postprocess (per-row sampling, detokenization, stop checks, events to
+chunks, engine/paged.py; on CUDA a decode-only step replays a captured graph, engine/cuda_graphs.py)
+-> postprocess (per-row sampling, detokenization, stop checks, events to
 each request's own stream; finished sequences free their blocks).
 
 KV lives in one pool (engine/kv_cache.py) whose blocks engine/block_manager.py hands out; a
@@ -13,7 +14,7 @@ chunk into the sequence's own DynamicCache, then one decode forward over a left-
 (engine/batch.py); no prefix cache and no preemption there.
 
 The loop runs on its own thread; ``generate()`` is the async public API: submit a request, get an
-async stream of TokenEvents.
+async stream of TokenEvents (an EventStream).
 """
 
 from __future__ import annotations

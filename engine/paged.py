@@ -10,9 +10,11 @@ decode step's matrix multiplications. Only attention cares which sequence a toke
   and values into the pool (engine/kv_cache.py) at the step's slot mapping: one ``index_copy_`` per
   layer, never a copy of the cache.
 * ``paged_attention`` is registered with transformers' ``AttentionInterface``. Decode rows attend
-  together (one SDPA call, keys and values gathered through each row's block table, padding
-  masked); each prompt chunk attends causally over its own sequence (the chunk's fresh keys when it
-  starts the sequence, else everything gathered from the pool). Sliding-window layers (the model
+  together: on CUDA through the Triton kernel that reads the pool through block tables
+  (engine/triton_attention.py), elsewhere in one SDPA call over keys and values gathered through
+  each row's block table, padding masked. Prompt chunks that start their sequence attend causally
+  over their own fresh keys, all of them in one padded SDPA call; a continuation chunk attends
+  over everything of its sequence gathered from the pool. Sliding-window layers (the model
   passes ``sliding_window`` to its attention function) get the window in their masks.
 
 A 4-D placeholder attention mask makes transformers skip building masks of its own. ``install()``
