@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .scheduler import Sequence
+
 
 def cache_length(cache: DynamicCache) -> int:
     return cache.layers[0].keys.shape[-2] if cache.layers and cache.layers[0].is_initialized else 0
@@ -104,3 +106,46 @@ class DecodeBatch:
         # A batch without padding needs no mask (the fast path generate() takes at batch 1).
         kwargs["attention_mask"] = None if width == min(self.lengths) else self.mask
         return kwargs
+
+
+class FallbackSteps:
+    """Part of Engine (engine.py): the step for models the paged forward does not fit."""
+
+    def _run_unpacked(self, work: list[tuple[Sequence, int]], out) -> None:
+        """Fallback for models packed steps do not fit: a batch-1 forward per prefill chunk, then
+        one decode forward over the running rows."""
+        sched = self.scheduler
+        for seq, n in work:
+            logits = self._prefill(seq, n)
+            if seq.num_prefilled < seq.num_tokens:
+                continue
+            self._start_decoding(seq)
+            self._sample_and_postprocess(logits, [seq], out)
+            self._deliver(out)  # its first token goes out now, not after the rest of the step
+            out.clear()
+        finished = [i for i, s in enumerate(sched.running) if s.finished]
+        if finished:
+            sched.remove_rows(finished)
+            self.batch.remove(finished)
+        if sched.running:
+            kwargs = self.batch.decode_inputs([s.output_ids[-1] for s in sched.running])
+            logits = self.model(**kwargs, logits_to_keep=1).logits[:, -1, :].float()
+            self.stats["decode_steps"] += 1
+            self.stats["decode_rows"] += len(sched.running)
+            self._sample_and_postprocess(logits, list(sched.running), out)
+
+    def _prefill(self, seq: Sequence, n: int) -> torch.Tensor:
+        start = seq.num_prefilled
+        ids = torch.tensor([seq.token_ids[start : start + n]], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + n, device=self.device)
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions.unsqueeze(0),
+            cache_position=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: seq.prefill_cache},
+        )
+        seq.num_prefilled += n
+        self.stats["prefill_tokens"] += n
+        return out.logits[:, -1, :].float()
