@@ -98,9 +98,11 @@ def word_tokenizer(vocab: int, folder: Path):
     return fast
 
 
-def closed_loop(engine, prompts, params, c: int, n: int) -> dict:
-    """c workers, n requests: tokens/s over the run, TTFT p50, and every event's time per request."""
+def closed_loop(engine, prompts, params, c: int, n: int, multimodal=None) -> dict:
+    """c workers, n requests: tokens/s over the run, TTFT p50 and p90, and every event's time per
+    request. ``multimodal``: request i's images (MultimodalInputs), i % len(prompts), beside its prompt."""
     from engine.request import GenerationRequest
+    from server.bench.stats import percentile
 
     async def run():
         todo = list(range(n))
@@ -112,8 +114,9 @@ def closed_loop(engine, prompts, params, c: int, n: int) -> dict:
                 i = todo.pop()
                 t_req = time.perf_counter()
                 stamps = []
+                mm = multimodal[i % len(prompts)] if multimodal else None
                 async for ev in engine.generate(
-                    GenerationRequest(f"r{i}-{time.time_ns()}", prompts[i % len(prompts)], params)
+                    GenerationRequest(f"r{i}-{time.time_ns()}", prompts[i % len(prompts)], params, multimodal=mm)
                 ):
                     if ev.token_ids:
                         stamps.append((time.perf_counter(), len(ev.token_ids)))
@@ -126,7 +129,10 @@ def closed_loop(engine, prompts, params, c: int, n: int) -> dict:
         t = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(c)])
         return dict(
-            tok_s=tokens / (time.perf_counter() - t), ttft_p50_ms=statistics.median(ttfts) * 1000, traces=traces
+            tok_s=tokens / (time.perf_counter() - t),
+            ttft_p50_ms=statistics.median(ttfts) * 1000,
+            ttft_p90_ms=percentile(ttfts, 90) * 1000,
+            traces=traces,
         )
 
     return asyncio.run(run())
@@ -140,7 +146,9 @@ def decode_window(traces) -> float:
     return count / (end - start) if end > start else float("nan")
 
 
-def http_load(engine, shape: str, words: list[str], levels, T: int) -> None:
+def http_load(engine, shape: str, words: list, levels, T: int, **labels) -> None:
+    """The server in this process, loaded from a subprocess with run_load; ``words``: the prompts (a
+    string, or a messages list); ``labels`` go into every line emitted."""
     import uvicorn
 
     from server.app import create_app
@@ -172,15 +180,18 @@ def http_load(engine, shape: str, words: list[str], levels, T: int) -> None:
                 emit(
                     what="http",
                     shape=shape,
+                    **labels,
                     c=c,
                     requests=n,
                     ok=s["ok"],
                     tok_s=s["output_throughput"],
                     ttft_p50_ms=s["ttft_ms"]["p50"],
+                    ttft_p90_ms=s["ttft_ms"]["p90"],
                     tpot_p50_ms=s["tpot_ms"]["p50"],
+                    prompt_tokens=s["total_prompt_tokens"] / s["ok"] if s["ok"] and s["total_prompt_tokens"] else None,
                 )
             except Exception:  # noqa: BLE001
-                emit(what="http_error", shape=shape, c=c, out=(r.stdout + r.stderr)[-800:])
+                emit(what="http_error", shape=shape, **labels, c=c, out=(r.stdout + r.stderr)[-800:])
     finally:
         server.should_exit = True
         th.join(timeout=10)
