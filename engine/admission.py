@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from .block_manager import BlockManager
 from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVPool, PoolShape, plan_num_blocks
+from .loader import placement
 from .scheduler import Sequence
 
 log = logging.getLogger("chatserve.engine")
@@ -25,9 +26,10 @@ class KVAdmission:
     def _make_pool(self) -> None:
         cfg, bs = self.config, self.config.block_size
         shape = PoolShape.of(self.model)
+        devices = self.loaded.layer_devices or self.device  # per layer when spread over several devices
         n, why = plan_num_blocks(
             shape,
-            self.device,
+            devices,
             bs,
             max_running=cfg.max_running,
             max_model_len=self.max_model_len,
@@ -35,7 +37,9 @@ class KVAdmission:
             gb=cfg.kv_cache_gb,
             blocks=cfg.kv_cache_blocks,
         )
-        self.pool = KVPool(shape, n, bs, self.device)
+        self.pool = KVPool(shape, n, bs, devices)
+        if len(set(self.pool.devices)) > 1:
+            log.info("KV pool placement (each layer's KV on its device): %s", placement(self.pool.devices))
         self.blocks = BlockManager(n, bs, prefix_caching=cfg.prefix_cache)
         if self.blocks.capacity_tokens < self.max_model_len:
             log.warning(
@@ -65,6 +69,10 @@ class KVAdmission:
             return
         if self.mrope:
             log.info("CUDA graphs off: multimodal rotary positions (Qwen2-VL) are not captured")
+            return
+        spread = sorted(set(map(str, self.loaded.layer_devices or [])))
+        if len(spread) > 1:
+            log.info("CUDA graphs off: the model spans %d devices (%s; device_map)", len(spread), ", ".join(spread))
             return
         graphs = DecodeGraphs(
             self.model,

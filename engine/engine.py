@@ -112,7 +112,9 @@ class Engine(PromptAPI, KVAdmission, MultimodalMixin, OutputMixin, FallbackSteps
             # memory-efficient attention need no plans.
             torch.backends.cuda.enable_cudnn_sdp(False)
             log.info("cuDNN SDPA backend off (it plans per shape; decode shapes change every step)")
-        self.packed = self.config.packed and paged.install(self.model, self._cache_kw, self.device)
+        self.packed = self.config.packed and paged.install(
+            self.model, self._cache_kw, self.device, loaded.layer_devices
+        )
         self.image_token_id = self._image_token_id()
         # multimodal rotary positions (Qwen2-VL family): three position axes per token, from the model
         inner = getattr(self.model, "model", None)

@@ -44,6 +44,8 @@ class LoadedModel:
     source: str  # what was asked for
     load_seconds: float
     processor: object = None  # a transformers processor (vision-language models), else None
+    # the device each decoder layer runs on (its KV goes there); None: every layer on ``device``
+    layer_devices: list[str] | None = None
 
 
 def cache_root() -> Path:
@@ -177,6 +179,27 @@ def local_folder(spec: str | None = None, revision: str | None = None, gguf_file
     return cached
 
 
+def _from_pretrained(cls, folder, kwargs):
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except (ValueError, ImportError, KeyError) as exc:
+        if "device_map" not in kwargs:
+            raise
+        # accelerate's refusals (an unknown module name in the map, disk offload without a folder)
+        raise ModelLoadError(f"device_map {kwargs['device_map']!r}: {exc}") from None
+
+
+def placement(devices: list[str]) -> str:
+    """``cuda:0 layers 0-15, cuda:1 layers 16-31``: runs of layers on one device."""
+    runs: list[list] = []
+    for i, d in enumerate(devices):
+        if runs and runs[-1][0] == d and runs[-1][2] == i - 1:
+            runs[-1][2] = i
+        else:
+            runs.append([d, i, i])
+    return ", ".join(f"{d} layer {a}" if a == b else f"{d} layers {a}-{b}" for d, a, b in runs)
+
+
 def pick_device(device: str) -> str:
     import torch
 
@@ -200,6 +223,47 @@ def pick_dtype(dtype: str, device: str):
         raise ModelLoadError(f"unknown dtype {dtype!r}") from None
 
 
+def _run_device(module):
+    """Where a module computes: its accelerate hook's execution device, else its first parameter
+    that is not offloaded (an offloaded one sits on "meta" and runs on the hook's device)."""
+    import torch
+
+    hook = getattr(module, "_hf_hook", None)
+    run_on = getattr(hook, "execution_device", None)
+    if run_on is not None:
+        return torch.device(run_on) if not isinstance(run_on, int) else torch.device("cuda", run_on)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return None
+
+
+def input_device(model):
+    """Where the model's input embeddings run: where a step's token ids go."""
+    embeddings = model.get_input_embeddings()
+    return _run_device(embeddings) or embeddings.weight.device
+
+
+def layer_devices(model) -> list[str] | None:
+    """The device each decoder layer runs on (its attention, where its keys and values are made),
+    in layer order; None when the decoder's layers cannot be found."""
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # a model without the usual decoder attribute
+        return None
+    layers = getattr(decoder, "layers", None)
+    config = model.config.get_text_config()
+    if layers is None or len(layers) != getattr(config, "num_hidden_layers", None):
+        return None  # not one module per KV layer: the engine's self-test decides (engine/paged.py)
+    fallback = input_device(model)
+    out = []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        dev = (_run_device(attn) if attn is not None else None) or _run_device(layer) or fallback
+        out.append(str(dev))
+    return out
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -209,7 +273,11 @@ def load_model(
     max_model_len: int | None = None,
     revision: str | None = None,
     gguf_file: str | None = None,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
+    """``device_map``: "auto", "balanced", "sequential" or {module name: device}: accelerate spreads
+    the model over the GPUs (layers run one device after another); ``device`` then only picks the
+    default dtype. Without it the whole model goes to ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -219,7 +287,13 @@ def load_model(
         folder = local_folder(str(folder / gguf_file))
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    log.info("loading %s from %s on %s (%s)", spec, folder, dev, str(torch_dtype).removeprefix("torch."))
+    where = f"device_map={device_map}" if device_map is not None else dev
+    log.info("loading %s from %s on %s (%s)", spec, folder, where, str(torch_dtype).removeprefix("torch."))
+    kwargs = {"dtype": torch_dtype} if device_map is None else {"dtype": torch_dtype, "device_map": device_map}
+
+    def place(m):
+        return m.to(dev) if device_map is None else m  # accelerate has placed it
+
     processor = None
     if getattr(AutoConfig.from_pretrained(folder), "vision_config", None) is not None:
         # a vision-language model: image-text-to-text class, and its processor (image processor +
@@ -228,11 +302,26 @@ def load_model(
 
         processor = AutoProcessor.from_pretrained(folder)
         tokenizer = processor.tokenizer
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch_dtype).to(dev)
+        model = place(_from_pretrained(AutoModelForImageTextToText, folder, kwargs))
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype).to(dev)
+        model = place(_from_pretrained(AutoModelForCausalLM, folder, kwargs))
     model.eval()
+    if isinstance(device_map, dict):  # a misspelt module name would otherwise place nothing, silently
+        for name in device_map:
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                top = ", ".join(n for n, _ in model.named_children())
+                raise ModelLoadError(
+                    f"device_map: {name!r} is not a module of the model (its top-level modules: {top})"
+                ) from None
+    layers = None
+    if device_map is not None:
+        dev = str(input_device(model))  # where the step's inputs go
+        layers = layer_devices(model)
+        if layers:
+            log.info("device_map=%s: decoder layers per device: %s", device_map, placement(layers))
     text_config = model.config.get_text_config()
     ctx = getattr(text_config, "max_position_embeddings", None) or 2048
     if max_model_len:
@@ -257,6 +346,7 @@ def load_model(
         source=spec,
         load_seconds=time.perf_counter() - t0,
         processor=processor,
+        layer_devices=layers,
     )
     log.info(
         "model %s loaded: device=%s dtype=%s context=%d load_time=%.1fs%s",

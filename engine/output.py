@@ -33,6 +33,7 @@ class OutputMixin:
 
     def _sample_and_postprocess(self, logits: torch.Tensor, seqs: list[Sequence], out) -> None:
         t0 = time.perf_counter()
+        logits = logits.to(self.device)  # beside the rows' sampling state (a no-op unless the model spans devices)
         errors: dict[int, Exception] = {}
         sampled, raw_lp = sample_batch(logits, [s.row for s in seqs], errors)
         t1 = time.perf_counter()

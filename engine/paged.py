@@ -17,6 +17,10 @@ decode step's matrix multiplications. Only attention cares which sequence a toke
   over everything of its sequence gathered from the pool. Sliding-window layers (the model
   passes ``sliding_window`` to its attention function) get the window in their masks.
 
+A model spread over several GPUs (``device_map``) runs its layers one device after another, each
+with its KV in the pool on its own device: the step's metadata is built once on the first device
+and copied to each other device the first time one of its layers asks (``PagedStep.on``).
+
 A 4-D placeholder attention mask makes transformers skip building masks of its own. ``install()``
 switches a model to this attention only if a self-test (two sequences over two packed steps,
 against plain forwards) gives the same logits; otherwise the engine keeps its fallback path.
@@ -158,6 +162,34 @@ class PagedStep:
         self.segments = segments
         self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self._masks: dict = {}
+        self._copies: dict[torch.device, PagedStep] = {}  # this step's metadata on other devices
+
+    def on(self, device: torch.device) -> PagedStep:
+        """This step's metadata on ``device``: the step itself on the device it was built on, else
+        a copy made the first time a layer on that device asks (a model spread over several GPUs).
+        A copy makes its masks on its own device, once per step like the step's."""
+        if device == self.slot_mapping.device:
+            return self
+        copy = self._copies.get(device)
+        if copy is None:
+
+            def to(t):
+                return None if t is None else t.to(device)
+
+            segments = [Segment(s.offset, s.past, s.n, to(s.context)) for s in self.segments]
+            copy = PagedStep(
+                self.pool,
+                to(self.slot_mapping),
+                self.rows,
+                to(self.row_slots),
+                to(self.row_lengths),
+                segments,
+                to(self.tables),
+                self.splits,
+            )
+            copy.min_len, copy.max_len = self.min_len, self.max_len
+            self._copies[device] = copy
+        return copy
 
     @classmethod
     def build(
@@ -199,8 +231,9 @@ class PagedStep:
         return step
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        # [1, H, N, D] -> [N, H, D] into the pool
-        self.pool.write(layer_idx, self.slot_mapping, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        # [1, H, N, D] -> [N, H, D] into the pool (this layer's part of it is on the layer's device)
+        mapping = self.on(key_states.device).slot_mapping
+        self.pool.write(layer_idx, mapping, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         self._fresh = (key_states, value_states)
         ref = _LayerRef(self, layer_idx)
         return ref, ref
@@ -255,6 +288,8 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
     if kwargs.get("softcap") is not None:
         raise ValueError("paged attention does not implement logit soft-capping")
     step, li = key.step, key.layer
+    fresh_k, fresh_v = step._fresh  # this layer's new keys and values
+    step = step.on(query.device)  # the step's metadata on this layer's device
     window = kwargs.get("sliding_window")
     parts = []
     rows = step.rows
@@ -282,7 +317,6 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
         parts.append(out.reshape(rows, *out.shape[2:]))  # [rows, Hq, D]
     if not step.segments:
         return parts[0].unsqueeze(0), None
-    fresh_k, fresh_v = step._fresh
     batched = step.fresh_batch()
     if batched is not None:  # every chunk that starts its sequence, in one padded SDPA call
         index = batched.index  # [k, width] packed positions
@@ -342,19 +376,24 @@ def forward(
         embeds = model.get_input_embeddings()(ids)
         embeds[0, torch.tensor(at, dtype=torch.long, device=device)] = rows.to(embeds.dtype)
         inputs = {"inputs_embeds": embeds}
+    # a model spread over GPUs (device_map) ends on whichever holds its last layers: a CPU index
+    # serves any device
+    hf_map = getattr(model, "hf_device_map", None) or {}
+    keep_on = "cpu" if len(set(map(str, hf_map.values()))) > 1 else device
     out = model(
         **inputs,
         position_ids=pos,
         attention_mask=mask,
         use_cache=True,
-        logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+        logits_to_keep=torch.tensor(keep, dtype=torch.long, device=keep_on),
         **{cache_kw: step},
     )
     return out.logits[0].float()
 
 
-def install(model, cache_kw: str, device) -> bool:
-    """Switch the model's attention to paged_attention if it gives the same logits; False if not."""
+def install(model, cache_kw: str, device, layer_devices: list | None = None) -> bool:
+    """Switch the model's attention to paged_attention if it gives the same logits; False if not.
+    ``layer_devices``: each layer's device, for a model spread over several (default: ``device``)."""
     original = model.config._attn_implementation
     if original not in ("sdpa", NAME):
         log.info("paged steps off: the model uses %s attention, not sdpa", original)
@@ -367,7 +406,7 @@ def install(model, cache_kw: str, device) -> bool:
 
     def attempt():
         try:
-            return _self_test(model, cache_kw, device)
+            return _self_test(model, cache_kw, device, layer_devices)
         except Exception as exc:  # an architecture that does not fit: keep the fallback path
             return False, f"{type(exc).__name__}: {exc}"
 
@@ -383,7 +422,7 @@ def install(model, cache_kw: str, device) -> bool:
     return ok
 
 
-def _self_test(model, cache_kw: str, device) -> tuple[bool, str]:
+def _self_test(model, cache_kw: str, device, layer_devices: list | None = None) -> tuple[bool, str]:
     """Two sequences through two packed steps (a fresh prompt, a chunk continuation across a block
     boundary, a decode row beside it) against plain forwards of the same tokens."""
     from .kv_cache import PoolShape
@@ -391,7 +430,7 @@ def _self_test(model, cache_kw: str, device) -> tuple[bool, str]:
     vocab = model.get_output_embeddings().weight.shape[0]
     a = [(7 * i + 3) % vocab for i in range(7)]
     b = [(11 * i + 5) % vocab for i in range(5)]
-    pool = KVPool(PoolShape.of(model), num_blocks=6, block_size=4, device=device)
+    pool = KVPool(PoolShape.of(model), num_blocks=6, block_size=4, device=layer_devices or device)
     ta, tb = [1, 2], [3, 4]
     with torch.inference_mode():
 

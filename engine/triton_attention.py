@@ -13,6 +13,8 @@ SDPA (tests/test_triton_attention.py runs this kernel in Triton's interpreter ag
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -171,8 +173,15 @@ def paged_decode(
     q: [B, Hq, D] (the last dim contiguous); k_pool, v_pool: [slots, Hkv, D]; tables: [B, W] block
     ids (int32/int64); lens: [B] context lengths including the token being decoded (its keys are
     already in the pool), each >= 1; window: attend to the last ``window`` positions only.
-    Returns [B, Hq, D] in q's dtype.
+    Returns [B, Hq, D] in q's dtype. Launched on q's device (Triton launches on the current CUDA
+    device; a model spread over several GPUs calls this for layers on each of them).
     """
+    on_device = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        return _paged_decode(q, k_pool, v_pool, tables, lens, block_size, scale, window, splits)
+
+
+def _paged_decode(q, k_pool, v_pool, tables, lens, block_size, scale, window, splits) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = k_pool.shape[1]
     group = Hq // Hkv

@@ -10,6 +10,7 @@ import threading
 import time
 
 from .settings import (  # noqa: F401
+    DEVICE_MAP_STRATEGIES,
     DEVICES,
     DTYPES,
     LOG_FORMATS,
@@ -48,6 +49,13 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument(
+        "--device-map",
+        choices=DEVICE_MAP_STRATEGIES,
+        help="spread a model too big for one GPU over the GPUs (accelerate): its layers run one GPU after "
+        "another, each with its own KV; --device then only picks the default dtype. A config file may give "
+        "a mapping of module name to device instead",
+    )
     p.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/* (or set CHATSERVE_API_KEY)")
     p.add_argument("--max-model-len", type=int, help="context length cap (prompt + completion tokens)")
     p.add_argument("--max-running", type=int, help="sequences decoded together (default 32)")
@@ -217,6 +225,7 @@ def build_app(settings: ServeSettings | dict):
                     max_model_len=m["max_model_len"],
                     revision=m["revision"],
                     gguf_file=m["gguf_file"],
+                    device_map=m["device_map"],
                 )
             except ModelLoadError as exc:
                 raise ModelLoadError(f"{where}: {exc}" if several else str(exc)) from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# accelerate's placements of a model too big for one GPU (or a mapping: module name -> device)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "sequential")
 
 SERVE_DEFAULTS = dict(
     model=None,
@@ -71,6 +74,7 @@ SERVE_DEFAULTS.update(
     max_constraint_states=None,
     max_constraint_transitions=10_000_000,
 )
+SERVE_DEFAULTS.update(device_map=None)  # spread the model over the GPUs (engine/loader.py)
 
 SERVER_KEYS = frozenset(
     {
@@ -107,6 +111,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "port": (int,),
     "device": (str,),
     "dtype": (str,),
+    "device_map": (str, dict),
     "api_key": (str,),
     "max_model_len": (int,),
     "max_running": (int,),
@@ -212,6 +217,25 @@ def _check_keys(data: dict, allowed: frozenset, where: str, *, in_item: bool = F
         raise ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 
+_MAP_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def _check_device_map(value, where: str) -> None:
+    if isinstance(value, str):
+        if value not in DEVICE_MAP_STRATEGIES:
+            raise ConfigError(
+                f"{where}: device_map: expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a mapping of "
+                f"module name to device, got {value!r}"
+            )
+        return
+    if not value:
+        raise ConfigError(f"{where}: device_map: an empty mapping places nothing; give module name: device")
+    for module, dev in value.items():
+        gpu = isinstance(dev, int) and not isinstance(dev, bool) and dev >= 0
+        if not isinstance(module, str) or not (gpu or (isinstance(dev, str) and _MAP_DEVICE.match(dev))):
+            raise ConfigError(f"{where}: device_map: {module!r}: expected a GPU number, cuda:N or cpu, got {dev!r}")
+
+
 def _check_value(key: str, value, where: str) -> None:
     types = _TYPES[key]
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
@@ -222,10 +246,19 @@ def _check_value(key: str, value, where: str) -> None:
             "a number"
             if types == _NUMBER
             else " or ".join(
-                {str: "a string", int: "an integer", bool: "true or false", list: "a list of strings"}[t] for t in types
+                {
+                    str: "a string",
+                    int: "an integer",
+                    bool: "true or false",
+                    list: "a list of strings",
+                    dict: "a mapping",
+                }[t]
+                for t in types
             )
         )
         raise ConfigError(f"{where}: {key}: expected {want}, got {value!r}")
+    if key == "device_map":
+        _check_device_map(value, where)
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"{where}: {key}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
 

@@ -47,6 +47,21 @@ def test_unknown_config_keys_are_refused(tmp_path):
         settings(["--config", str(cfg)])
 
 
+def test_device_map_from_a_flag_or_a_file(tmp_path):
+    assert settings([])["device_map"] is None  # loading unchanged: the whole model on --device
+    assert settings(["--device-map", "balanced"])["device_map"] == "balanced"
+    cfg = tmp_path / "spread.yaml"
+    cfg.write_text("device_map:\n  model.embed_tokens: 0\n  model.layers: cuda:1\n  lm_head: cpu\n")
+    assert settings(["--config", str(cfg)])["device_map"] == {
+        "model.embed_tokens": 0,
+        "model.layers": "cuda:1",
+        "lm_head": "cpu",
+    }
+    assert settings(["--config", str(cfg), "--device-map", "auto"])["device_map"] == "auto"  # the flag wins
+    with pytest.raises(SystemExit):  # argparse: one of auto, balanced, sequential
+        args(["--device-map", "everywhere"])
+
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

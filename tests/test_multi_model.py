@@ -258,6 +258,9 @@ def run_cli(argv, capsys) -> tuple[int, str]:
         "choice",
         "models-not-list",
         "model-flag",
+        "device-map",
+        "device-map-device",
+        "device-map-type",
     ],
 )
 def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, case):
@@ -301,6 +304,15 @@ def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, case):
         b.write_text("model: /m/b\n")
         argv += ["--model", "/m/c"]
         expect = "--model: names one model, and 2 are configured"
+    elif case == "device-map":
+        b.write_text("model: /m/b\ndevice_map: everywhere\n")
+        expect = f"{b}: device_map: expected one of auto, balanced, sequential or a mapping of module name to device"
+    elif case == "device-map-device":
+        b.write_text("model: /m/b\ndevice_map:\n  model.layers.0: 0\n  model.layers.1: gpu1\n")
+        expect = f"{b}: device_map: 'model.layers.1': expected a GPU number, cuda:N or cpu, got 'gpu1'"
+    elif case == "device-map-type":
+        b.write_text("models:\n  - model: /m/b\n    device_map: [0, 1]\n")
+        expect = f"{b}: models[0]: device_map: expected a string or a mapping, got [0, 1]"
     code, err = run_cli(argv, capsys)
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err, err
