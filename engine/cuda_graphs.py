@@ -52,11 +52,12 @@ class DecodeGraphs:
         self.max_batch = self.buckets[-1]
         width = -(-max_model_len // pool.block_size) + 1
         b = self.max_batch
-        # rows: token ids, positions, KV slots, context lengths (padding rows: token 0 at 0, length 1)
-        self.meta = torch.zeros(4, b, dtype=torch.long, device=device)
-        self.meta[3] = 1
-        self.tables = torch.zeros(b, width, dtype=torch.int32, device=device)
-        self.mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+        with torch.inference_mode():  # like every step's own tensors (torch.compile guards on it)
+            # rows: token ids, positions, KV slots, context lengths (padding rows: token 0 at 0, length 1)
+            self.meta = torch.zeros(4, b, dtype=torch.long, device=device)
+            self.meta[3] = 1
+            self.tables = torch.zeros(b, width, dtype=torch.int32, device=device)
+            self.mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.steps = {n: self._step(n) for n in self.buckets}
@@ -89,8 +90,9 @@ class DecodeGraphs:
             step.min_len, step.max_len = int(lengths.min()), width
             step._masks = {}
         out = self.model(
-            input_ids=self.meta[0:1, :n],
-            position_ids=self.meta[1:2, :n],
+            # [1, n] views with a step's own strides (torch.compile guards on strides)
+            input_ids=self.meta[0, :n].unsqueeze(0),
+            position_ids=self.meta[1, :n].unsqueeze(0),
             attention_mask=self.mask,
             use_cache=True,
             logits_to_keep=0,
@@ -100,7 +102,9 @@ class DecodeGraphs:
 
     def capture(self) -> None:
         """Record one graph per bucket, largest first (the smaller ones reuse its memory)."""
-        if self.emulate:
+        if self.emulate:  # no capture; the warm-up alone (compiles a --compile model's bucket shapes)
+            for n in reversed(self.buckets):
+                self._forward(n)
             return
         t0 = time.perf_counter()
         mempool = torch.cuda.graph_pool_handle()

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import paged
+from . import compiled, paged
 from .admission import KVAdmission
 from .batch import DecodeBatch, FallbackSteps
 from .block_manager import BlockManager
@@ -71,6 +71,7 @@ class EngineConfig:
     prefix_cache_mb: int | None = None  # older spelling kept for scripts: 0 = prefix_cache off
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     decode_graphs: str = "auto"  # auto: CUDA graphs on CUDA; off; emulate: static buffers, no capture (tests)
+    compile: bool = False  # torch.compile the decoder layers, attention left out (engine/compiled.py)
 
     def __post_init__(self):
         if self.prefix_cache_mb == 0:
@@ -124,6 +125,8 @@ class Engine(PromptAPI, KVAdmission, MultimodalMixin, OutputMixin, FallbackSteps
         self.graphs: DecodeGraphs | None = None
         if self.packed:
             self._make_pool()
+            if self.config.compile:
+                compiled.compile_model(self.model, self.pool, self._cache_kw, self.device)
             self._make_graphs()
         log.info(
             "engine steps: %s",

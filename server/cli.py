@@ -79,6 +79,13 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
         help="CUDA: no CUDA graphs; every decode step runs eagerly (slower; for debugging)",
     )
     p.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        help="torch.compile the model's decoder layers (fused norms, RoPE and activations; attention stays "
+        "the paged kernel); costs start-up time (engine/compiled.py)",
+    )
+    p.add_argument(
         "--no-prefix-cache",
         dest="prefix_cache",
         action="store_const",
@@ -266,6 +273,7 @@ def build_app(settings: ServeSettings | dict):
                     kv_cache_memory_fraction=fractions[i],
                     kv_cache_gb=m["kv_cache_gb"],
                     enforce_eager=m["enforce_eager"],
+                    compile=m["compile"],
                 ),
             ).start()
             engines.append(built[i])

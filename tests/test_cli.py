@@ -27,6 +27,7 @@ def test_defaults_turn_packed_steps_and_the_prefix_cache_on():
     # the engine picks these by device (tests/test_engine.py: 1 and 512 on CPU)
     assert s["max_newcomers"] is None and s["prefill_chunk"] is None
     assert settings(["--enforce-eager"])["enforce_eager"] is True
+    assert s["compile"] is False and settings(["--compile"])["compile"] is True
     assert s["kv_cache_gb"] is None and s["block_size"] == 16
 
 
