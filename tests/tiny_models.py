@@ -215,10 +215,33 @@ def build_tiny_idefics3(path: Path, seed: int = 0) -> Path:
 QWEN2VL_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 
 
+def has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def qwen2vl_processor(tok):
+    """A real Qwen2VLProcessor: images resized to 56x56..112x112 pixels (multiples of 28), 14-pixel
+    patches merged 2x2, so 2 to 16 image tokens an image. Needs torchvision (its video processor)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        chat_template=_vlm_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    )
+
+
 def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     """Qwen2-VL (multimodal rotary positions): a 1-layer vision tower with 14-pixel patches merged 2x2,
-    and a 2-layer text model with M-RoPE. No processor is saved: Qwen2-VL's processor needs
-    torchvision, which has no CPU build for this torch here; tests make the encoder inputs by hand."""
+    and a 2-layer text model with M-RoPE. Its processor (``qwen2vl_processor``) is saved only where
+    torchvision is installed: Qwen2-VL's processor needs it, and it has no CPU build for the torch
+    on the development machines; without it, tests make the encoder inputs by hand."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -259,4 +282,6 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    if has_torchvision():
+        qwen2vl_processor(tok).save_pretrained(path)
     return path

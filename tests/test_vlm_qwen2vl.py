@@ -1,0 +1,152 @@
+"""Qwen2-VL over HTTP with its real processor: the tiny random-weight Qwen2-VL (multimodal rotary
+positions: each image's tokens get 2-D grid positions) saved with a Qwen2VLProcessor and loaded
+through the real loader, images sent as data: URLs.
+
+Qwen2VLProcessor holds a video processor, which needs torchvision, so the module is skipped where
+torchvision is not installed (the development machines: no CPU build for their torch). The GPU
+runs install one from .gpu/wheels and run this module (.gpu/run.sh); it runs on the CPU there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip(
+    "torchvision",
+    reason="Qwen2-VL's processor needs torchvision (its video processor); no torchvision is installed",
+)
+
+import httpx  # noqa: E402
+from conftest import make_engine, serve_engine  # noqa: E402
+from PIL import Image  # noqa: E402
+from test_vlm import BLUE, CHAT, RED, ask, data_url, image_msg, png, reference, text_of  # noqa: E402
+from tiny_models import build_tiny_qwen2vl  # noqa: E402
+
+WIDE = png((20, 200, 20), size=(200, 100))
+# Images are resized to multiples of 28 pixels within 56*56..112*112 pixels; 14-pixel patches, merged
+# 2x2, give one token per 28x28 pixels: RED 40x30 -> 84x56 (6 tokens, a 2x3 grid), BLUE 30x50 ->
+# 56x84 (6, 3x2), WIDE 200x100 -> 140x56 (10, 2x5).
+IMAGE_TOKENS = {RED: 6, BLUE: 6, WIDE: 10}
+
+
+def pil(raw: bytes):
+    return Image.open(io.BytesIO(raw)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("qwen2vl"))
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_dir):
+    from server.media import MediaLimits
+
+    engine = make_engine(qwen_dir, prefill_chunk=12)  # an image's tokens get split across prompt chunks
+    with serve_engine(engine, media=MediaLimits(max_images=3)) as srv:
+        yield engine, srv
+    engine.stop()
+
+
+@pytest.fixture
+def client(qwen):
+    with httpx.Client(base_url=qwen[1].base_url, timeout=60) as c:
+        yield c
+
+
+def test_the_loader_gives_qwen2vl_its_processor_and_multimodal_rotary_positions(qwen, qwen_dir):
+    engine, _ = qwen
+    assert type(engine.prompts.processor).__name__ == "Qwen2VLProcessor"
+    assert engine.accepts_images and engine.mrope and engine.packed
+    assert engine.image_token_id == engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+def test_a_data_url_image_gives_the_tokens_of_model_generate(client, qwen):
+    engine, _ = qwen
+    before = engine.stats["images_encoded"]
+    resp = ask(client, image_msg(data_url(RED)))
+    plain = ask(client, [{"role": "user", "content": "Describe this image in one sentence."}])
+    assert text_of(resp) == reference(engine, image_msg(data_url(RED)), [pil(RED)])
+    # the image part became <|vision_start|>, its 6 <|image_pad|> tokens and <|vision_end|>
+    assert resp["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"] == IMAGE_TOKENS[RED] + 2
+    assert engine.stats["images_encoded"] == before + 1
+
+
+def test_two_images_of_other_grids_give_the_tokens_of_model_generate(client, qwen):
+    engine, _ = qwen
+    one = ask(client, image_msg(data_url(RED)))
+    two = ask(client, image_msg(data_url(RED), data_url(WIDE)))
+    assert two["usage"]["prompt_tokens"] - one["usage"]["prompt_tokens"] == IMAGE_TOKENS[WIDE] + 2
+    assert text_of(two) == reference(engine, image_msg("a", "b"), [pil(RED), pil(WIDE)])
+    swapped = ask(client, image_msg(data_url(WIDE), data_url(RED)))
+    assert text_of(swapped) == reference(engine, image_msg("a", "b"), [pil(WIDE), pil(RED)])
+
+
+def test_streaming_with_an_image_equals_the_non_streamed_reply(client):
+    body = {
+        "messages": image_msg(data_url(BLUE)),
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    text, usage = "", None
+    with client.stream("POST", CHAT, json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if chunk["choices"]:
+                    text += chunk["choices"][0]["delta"].get("content") or ""
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+    plain = ask(client, image_msg(data_url(BLUE)))
+    assert text == text_of(plain) and usage["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert usage["completion_tokens"] == 8
+
+
+def test_a_batch_of_image_and_text_requests_equals_each_alone(client):
+    """Image rows (grid positions) and text rows (one position on all three axes) in the same packed
+    steps: each request's greedy tokens are those it gets alone."""
+    images = [RED, BLUE, WIDE]
+    requests = []
+    for i in range(8):
+        if i % 2:
+            requests.append(image_msg(data_url(images[i % 3]), text=f"Image {i}: what is it?"))
+        else:
+            requests.append([{"role": "user", "content": f"Text request {i}"}])
+    alone = [text_of(ask(client, m)) for m in requests]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda m: text_of(ask(client, m)), requests))
+    assert together == alone
+
+
+def test_the_same_text_with_other_images_shares_no_image_kv(client, qwen, qwen_dir):
+    """Prefix cache on: B after A (same text, other image) gets B's own tokens, as on a cold engine,
+    and reuses no block past A's first image token."""
+    engine, _ = qwen
+    text = "Please describe the picture below in great detail, with colours."
+    a = ask(client, image_msg(data_url(RED), text=text))
+    b = ask(client, image_msg(data_url(BLUE), text=text))
+    b_again = ask(client, image_msg(data_url(BLUE), text=text))
+    cold = make_engine(qwen_dir, prefix_cache=False)
+    try:
+        with serve_engine(cold) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as c:
+            b_cold = ask(c, image_msg(data_url(BLUE), text=text))
+    finally:
+        cold.stop()
+    assert text_of(b) == text_of(b_cold)
+    ids, _ = engine.prepare_prompt(image_msg("x", text=text), [pil(BLUE)])
+    first_image = ids.index(engine.image_token_id)
+    assert first_image >= 16  # a whole block of text before the image
+    assert b["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_image
+    assert b_again["usage"]["prompt_tokens_details"]["cached_tokens"] > first_image  # its own blocks are reused
+    assert text_of(b_again) == text_of(b)
+    assert a["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_image
+    assert text_of(a) != text_of(b)  # the image matters, so shared image KV would show
