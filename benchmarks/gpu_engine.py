@@ -10,12 +10,15 @@ targets of the GPU-engine issue. Figures, for each shape:
   (the single-stream ceiling: every decode step reads every weight once).
 * generate: ``model.generate`` on a static batch of c prompts (greedy).
 * engine: the engine in process, closed loop with c requests in flight (c = 1, 32, 64), CUDA
-  graphs on (the default) and with enforce_eager (the ratio is what graphs buy); tokens/s and
-  TTFT p50; graph capture time.
+  graphs on (the default), with --compile (torch.compile over the decoder layers) and with
+  enforce_eager (the ratio is what graphs buy); tokens/s and TTFT p50; start-up (capture, compile) time.
 * long_context: c=8 requests of 128-token and of --long-prompt-token prompts: decode tokens/s
   while all 8 decode together (between the last first token and the first finish), and the fall.
 * http: the whole server (FastAPI + SSE) in this process, loaded from a subprocess with
   server.bench's run_load (128-word prompts), c = 1, 32, 64.
+* with --engine-process: the closed loop and the HTTP load again with the engine in its own
+  process (engine/remote.py; the same weights, built there), and per c a summary line: in process,
+  HTTP with the engine thread, HTTP with the engine process (issue #8: HTTP within 10%).
 * transformers_cb: ``model.init_continuous_batching`` (what ``transformers serve
   --continuous-batching`` runs), all requests at once.
 
@@ -242,6 +245,87 @@ def transformers_cb(model, prompts, shape: str, T: int, levels) -> None:
         model.set_attn_implementation("sdpa")
 
 
+def core_model(shape: str, device: str, dtype: str, max_model_len: int, long_prompt: int):
+    """The random-weight model of ``shape`` as a LoadedModel, built in the engine core process
+    (--engine-process; engine/remote.py): the config and seed main() uses, so the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.loader import LoadedModel
+
+    kw = dict(SHAPES[shape])
+    V = kw.pop("vocab_size")
+    tok = word_tokenizer(V, Path(tempfile.mkdtemp()))
+    cfg = LlamaConfig(
+        vocab_size=V,
+        max_position_embeddings=max(4096, 2 * long_prompt),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        **kw,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
+    model.eval()
+    return LoadedModel(model, tok, shape, device, dtype, max_model_len, shape, 0.0)
+
+
+def engine_process_ab(shape: str, args, max_model_len: int, prompts, params, levels, T: int, P: int) -> None:
+    """Issue #8's A/B: the closed loop and the HTTP load again, the engine in its own process. Lines
+    with mode="process" (closed loop) and core="process" (HTTP), then one summary line per c."""
+    from engine.engine import EngineConfig
+    from engine.remote import RemoteEngine, launch_core
+
+    t = time.perf_counter()
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    core = launch_core(core_model, shape, args.device, dtype, max_model_len, args.long_prompt)
+    eng = RemoteEngine(core, EngineConfig(max_running=max(levels), prefix_cache=False)).start()
+    emit(what="engine_start", shape=shape, mode="process", s=time.perf_counter() - t)
+    start = len(LINES)
+    try:
+        closed_loop(eng, prompts, params, 4, 8)  # warm-up
+        for c in levels:
+            n = 4 if c == 1 else 3 * c
+            r = closed_loop(eng, prompts, params, c, n)
+            emit(
+                what="engine",
+                shape=shape,
+                mode="process",
+                c=c,
+                requests=n,
+                tok_s=r["tok_s"],
+                ttft_p50_ms=r["ttft_p50_ms"],
+            )
+        if not args.no_http:
+            words = [" ".join(f"w{t}" for t in p[: P - 8]) for p in prompts[:64]]
+            http_load(eng, shape, words, [(c, 4 if c == 1 else 3 * c) for c in levels], T, core="process")
+        stats = {k: v for k, v in eng.stats.items() if k.startswith(("time_", "graph", "decode"))}
+        emit(what="engine_stats", shape=shape, mode="process", **stats)
+    finally:
+        eng.stop()
+
+    def find(what, **kv):
+        hits = [x for x in LINES if x.get("what") == what and x.get("shape") == shape]
+        hits = [x for x in hits if all(x.get(k) == v for k, v in kv.items())]
+        return hits[-1]["tok_s"] if hits else None
+
+    for c in levels:
+        thread_http = [x for x in LINES[:start] if x.get("what") == "http" and x.get("shape") == shape and x["c"] == c]
+        inproc, http_p = find("engine", mode="graphs", c=c), find("http", core="process", c=c)
+        emit(
+            what="engine_process_summary",
+            shape=shape,
+            c=c,
+            in_process_tok_s=inproc,
+            process_direct_tok_s=find("engine", mode="process", c=c),
+            http_thread_tok_s=thread_http[-1]["tok_s"] if thread_http else None,
+            http_process_tok_s=http_p,
+            http_process_over_in_process=http_p / inproc if http_p and inproc else None,  # target >= 0.9
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="8b,1b")
@@ -253,7 +337,18 @@ def main() -> int:
     ap.add_argument("--no-http", action="store_true")
     ap.add_argument("--no-eager", action="store_true", help="skip the enforce_eager comparison")
     ap.add_argument("--skip-cb", action="store_true", help="skip transformers' continuous batching")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run the engine with compile=True (torch.compile over the decoder layers, engine/compiled.py)",
+    )
     ap.add_argument("--output", default=None, help="also write every line to this JSON file")
+    ap.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="after the in-process runs, the same closed loop and HTTP load with the engine in its own "
+        "process (engine/remote.py), and a summary line per concurrency (issue #8)",
+    )
     ap.add_argument(
         "--switch-interval",
         type=float,
@@ -361,10 +456,13 @@ def main() -> int:
             load_seconds=0.0,
         )
         params = SamplingParams(temperature=0, max_tokens=T, ignore_eos=True)
-        runs = [("graphs", False)] + ([] if args.no_eager else [("eager", True)])
-        for mode, eager in runs:
+        runs = [("graphs", False, False)]
+        runs += [] if args.no_eager else [("eager", True, False)]
+        runs += [("compiled", False, True)] if args.compile else []  # last: it compiles the model in place
+        for mode, eager, compiled in runs:
             t = time.perf_counter()
-            eng = Engine(lm, EngineConfig(max_running=max(levels), prefix_cache=False, enforce_eager=eager)).start()
+            config = EngineConfig(max_running=max(levels), prefix_cache=False, enforce_eager=eager, compile=compiled)
+            eng = Engine(lm, config).start()
             emit(
                 what="engine_start",
                 shape=shape,
@@ -415,6 +513,8 @@ def main() -> int:
             del eng
             if cuda:
                 torch.cuda.empty_cache()
+            if mode == "graphs" and args.engine_process:  # the in-process pool is freed: room for the core's
+                engine_process_ab(shape, args, lm.max_model_len, prompts, params, levels, T, P)
         if not args.skip_cb:
             transformers_cb(model, prompts, shape, T, levels)
         del lm, model

@@ -82,10 +82,15 @@ def compile_model(model, pool, cache_kw: str, device) -> bool:
 
 
 def _warm_up(model, pool, cache_kw: str, device) -> None:
-    """Mixed steps (a decoding row plus prompt chunks) of two sizes, so dynamic shapes are compiled
-    before the first request. They write into the null block 0, which no sequence owns."""
-    for chunks in ([([0], 0, 3)], [([0], 0, 2), ([0], 0, 3)]):
-        step = paged.PagedStep.build(pool, [([0], 1)], chunks, device)
-        n = 1 + sum(c[2] for c in chunks)
-        positions = [0] + [p for _, _, c in chunks for p in range(c)]
-        paged.forward(model, cache_kw, [0] * n, positions, step, [0], device)
+    """Steps of each kind the engine runs eagerly (mixed steps of two sizes; decode-only steps of 1
+    and 2 rows, as when CUDA graphs are off), so the shapes are compiled before the first request.
+    They write into the null block 0, which no sequence owns."""
+    for rows, chunks in (
+        ([([0], 1)], [([0], 0, 3)]),
+        ([([0], 1)], [([0], 0, 2), ([0], 0, 3)]),
+        ([([0], 1)], []),
+        ([([0], 1), ([0], 2)], []),
+    ):
+        step = paged.PagedStep.build(pool, rows, chunks, device)
+        positions = [length - 1 for _, length in rows] + [p for _, _, c in chunks for p in range(c)]
+        paged.forward(model, cache_kw, [0] * len(positions), positions, step, [0], device)
