@@ -100,6 +100,13 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, help="the KV pool's size in GiB (default off CUDA: 1)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
     p.add_argument(
+        "--engine-process",
+        action="store_const",
+        const=True,
+        help="run the model and the engine's step loop in a child process, so it shares no GIL with the HTTP "
+        "side (prompts, constraints and streams stay in the server process)",
+    )
+    p.add_argument(
         "--no-packed",
         dest="packed",
         action="store_const",
@@ -207,6 +214,7 @@ def build_app(settings: ServeSettings | dict):
     with (one derived from a folder name, say) is a ConfigError; nothing stays running then."""
     from engine.engine import Engine, EngineConfig
     from engine.loader import ModelLoadError, load_model
+    from engine.remote import RemoteEngine, RemoteModel, load_model_in_core
 
     from .app import create_app
     from .media import MediaLimits
@@ -224,7 +232,7 @@ def build_app(settings: ServeSettings | dict):
                     taken.setdefault(name, where)
         for where, m in zip(settings.origins, settings.models):
             try:
-                lm = load_model(
+                lm = (load_model_in_core if m["engine_process"] else load_model)(
                     m["model"],
                     served_model_name=m["served_model_name"],
                     device=m["device"],
@@ -259,7 +267,7 @@ def build_app(settings: ServeSettings | dict):
         built = {}
         for i in order:
             m = settings.models[i]
-            built[i] = Engine(
+            built[i] = (RemoteEngine if isinstance(loaded[i], RemoteModel) else Engine)(
                 loaded[i],
                 EngineConfig(
                     max_running=m["max_running"],
@@ -283,6 +291,9 @@ def build_app(settings: ServeSettings | dict):
     except BaseException:
         for engine in engines:
             engine.stop()
+        for lm in loaded:  # engine core processes (those whose engine stopped are gone already)
+            if isinstance(lm, RemoteModel):
+                lm.close()
         raise
     media = MediaLimits(
         max_images=server["limit_images_per_request"],

@@ -76,6 +76,8 @@ SERVE_DEFAULTS.update(
     max_constraint_transitions=10_000_000,
 )
 SERVE_DEFAULTS.update(device_map=None)  # spread the model over the GPUs (engine/loader.py)
+# the model and the step loop in a child process (engine/remote.py): no GIL shared with the HTTP side
+SERVE_DEFAULTS.update(engine_process=False)
 
 SERVER_KEYS = frozenset(
     {
@@ -145,6 +147,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_constraint_regex": (int,),
     "max_constraint_states": (int,),
     "max_constraint_transitions": (int,),
+    "engine_process": (bool,),
 }
 _CHOICES = {"device": DEVICES, "dtype": DTYPES, "log_level": LOG_LEVELS, "log_format": LOG_FORMATS}
 assert set(_TYPES) == set(SERVE_DEFAULTS)
