@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -156,11 +157,15 @@ def http_load(engine, shape: str, words: list, levels, T: int, **labels) -> None
 
     from server.app import create_app
 
-    port = 18556
+    with socket.socket() as sock:  # a free port (a fixed one hung the run when another process held it)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     while not server.started:
+        if not th.is_alive():
+            raise RuntimeError(f"the HTTP server did not start on port {port}")
         time.sleep(0.1)
     try:
         for c, n in levels:
