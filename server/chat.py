@@ -30,6 +30,7 @@ from .plumbing import (
     ServerContext,
     collect_events,
     first_event,
+    json_line,
     pick_model,
     read_body,
     sse,
@@ -250,7 +251,7 @@ async def _stream(request: Request, engine, v: ValidatedRequest, stream, first, 
     prefix, _, suffix = chunk(Delta(content=marker)).partition(encoded)
 
     def content_chunk(text: str) -> str:
-        return prefix + json.dumps(text, ensure_ascii=False) + suffix
+        return prefix + json_line(text) + suffix
 
     last = first
     calls = ToolCallFramer(engine.tool_family) if _wants_tools(v) else None

@@ -159,9 +159,20 @@ async def until_disconnect(request: Request, coro):
     return work.result()
 
 
+# JSON may hold U+0085, U+2028 and U+2029 raw, but str.splitlines breaks lines there, and so do the
+# iter_lines of requests and httpx (what huggingface_hub's clients read streams with): escaped, a
+# chunk stays one line for every client
+LINE_SAFE = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(obj) -> str:
+    """``obj`` as compact JSON, UTF-8 as is, on one line whoever splits it."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(LINE_SAFE)
+
+
 def sse(obj) -> str:
-    """One server-sent event: a JSON object (compact, UTF-8 as is) or a string sent as it is."""
-    payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """One server-sent event: a JSON object (compact, UTF-8 as is, one line) or a string sent as it is."""
+    payload = obj if isinstance(obj, str) else json_line(obj)
     return f"data: {payload}\n\n"
 
 

@@ -967,3 +967,22 @@ def test_a_prompt_the_kv_pool_can_never_hold_is_a_400_and_health_reports_the_poo
             assert stats["kv_blocks_total"] == 4 and stats["kv_blocks_used"] == 0 and stats["kv_block_size"] == 16
     finally:
         eng.stop()
+
+
+def test_stream_escapes_the_characters_python_splits_lines_on(client):
+    """U+2028, U+2029 and U+0085 may stand raw in JSON, but requests' and httpx's iter_lines (what
+    huggingface_hub's clients read streams with) split where str.splitlines does, so a chunk whose
+    text holds one would arrive as two broken lines: the stream escapes them. The text is forced to
+    be made of them by a json_schema pattern (the tiny tokenizer is byte-level)."""
+    seps = "\u2028\u2029\u0085"
+    schema = {"type": "string", "pattern": f"^[{seps}]{{4}}$"}
+    rf = {"type": "json_schema", "json_schema": {"name": "breaks", "schema": schema}}
+    body = {"messages": MSGS, "response_format": rf, "max_tokens": 30, "stream": True, "seed": 3}
+    with client.stream("POST", CHAT, json=body) as r:
+        assert r.status_code == 200
+        raw = r.read().decode()
+    chunks = _sse_chunks([line for line in raw.splitlines() if line])
+    value = json.loads(stream_text(chunks))
+    assert len(value) == 4 and set(value) <= set(seps)
+    r = client.post(CHAT, json={**body, "stream": False})  # the same text, not streamed
+    assert json.loads(r.json()["choices"][0]["message"]["content"]) == value
