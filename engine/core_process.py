@@ -89,13 +89,17 @@ def _fail(send: _Sender, exc: BaseException) -> None:
     send(("failed", type(exc).__name__, str(exc)))
 
 
-def core_main(conn, load, args: tuple, kwargs: dict, torch_threads: int | None, log_level: int) -> None:
+def core_main(conn, load, args: tuple, kwargs: dict, torch_threads: int | None, log_level: int, formatter=None) -> None:
     """The child's entry point (multiprocessing, spawn): load, report, build the engine, serve."""
     # the server drains on SIGTERM / Ctrl-C (sent to the whole process group too) and then stops
     # this process through the pipe; it exits by itself when the pipe closes
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # the server's own log format (--log-format json included) when it could be sent over, else text
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine core] %(message)s")
+    if formatter is not None:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(formatter)
     if torch_threads:
         import torch
 

@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -57,9 +58,14 @@ class CoreProcess:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         level = logging.getLogger().getEffectiveLevel()
+        formatter = next((h.formatter for h in logging.getLogger().handlers if h.formatter is not None), None)
+        try:  # the child logs in the server's format (a JSON formatter pickles; a custom one may not)
+            pickle.dumps(formatter)
+        except Exception:  # noqa: BLE001
+            formatter = None
         self.process = ctx.Process(
             target=core_main,
-            args=(child_conn, load, args, kwargs, torch_threads, level),
+            args=(child_conn, load, args, kwargs, torch_threads, level, formatter),
             name="chatserve-engine-core",
             daemon=True,
         )
@@ -73,7 +79,7 @@ class CoreProcess:
     def expect(self, what: str) -> tuple:
         """The child's next message, which must be ``what``; its failure raised here."""
         while not self.conn.poll(0.5):
-            if not self.process.is_alive() and not self.conn.poll(0):
+            if not self.running() and not self.conn.poll(0):
                 raise RuntimeError(f"the engine core process exited (exit code {self.process.exitcode})")
         try:
             msg = pickle.loads(self.conn.recv_bytes())
@@ -89,18 +95,28 @@ class CoreProcess:
             raise RuntimeError(f"engine core: expected {what!r}, got {msg[0]!r}")
         return msg
 
+    def running(self) -> bool:
+        """The child has not exited. Its sentinel says so even when something else in this process
+        reaped it first (then ``is_alive()`` stays True for good: waitpid answers ECHILD), and
+        killing by pid then could hit whatever process got the number next."""
+        return self.process.exitcode is None and not multiprocessing.connection.wait([self.process.sentinel], 0)
+
+    def end(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the child to exit; kill it if it is still running then."""
+        self.process.join(timeout)
+        if self.running():
+            log.warning("engine core process did not stop in %.0f s; killing it", timeout)
+            self.process.kill()
+            self.process.join(10)
+
     def close(self, timeout: float = 40.0) -> None:
         """Ask the child to stop, wait for it, and kill it if it does not go."""
-        if self.process.is_alive():
+        if self.running():
             try:
                 self.send([("stop",)])
             except OSError:
                 pass
-            self.process.join(timeout)
-        if self.process.is_alive():
-            log.warning("engine core process did not stop in %.0f s; killing it", timeout)
-            self.process.kill()
-            self.process.join(10)
+        self.end(timeout)
 
     def hang_up(self) -> None:
         """Shut the pipe down (both ways): the child reads its end and stops; a thread of ours
@@ -117,9 +133,7 @@ class CoreProcess:
 def _close_cores() -> None:  # before multiprocessing's own exit hook (atexit runs last-in first-out)
     for core in list(_CORES):
         core.hang_up()  # the child sees the pipe close and stops
-        core.process.join(10)
-        if core.process.is_alive():
-            core.process.kill()
+        core.end(10)
 
 
 @dataclass
@@ -219,18 +233,14 @@ class RemoteEngine(PromptAPI):
             self._outbox.put(None)  # the writer's last item
             if not self._threads:  # never started: nobody writes
                 self.core.close(timeout=40)
-        self.core.process.join(40)
-        if self.core.process.is_alive():  # stuck: no more asking (a send could block on a full pipe)
-            log.warning("engine core process did not stop in 40 s; killing it")
-            self.core.process.kill()
-            self.core.process.join(10)
+        self.core.end(40)  # stuck: killed, no more asking (a send could block on a full pipe)
         self.core.hang_up()  # wakes the reader if the pipe is somehow still open
         for t in self._threads:
             t.join(timeout=10)
 
     @property
     def alive(self) -> bool:
-        return bool(self._threads) and self._gone is None and not self._stopping and self.core.process.is_alive()
+        return bool(self._threads) and self._gone is None and not self._stopping and self.core.running()
 
     @property
     def scores_prompts(self) -> bool:
