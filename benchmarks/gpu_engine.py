@@ -254,9 +254,17 @@ def core_model(shape: str, device: str, dtype: str, max_model_len: int, long_pro
     """The random-weight model of ``shape`` as a LoadedModel, built in the engine core process
     (--engine-process; engine/remote.py): the config and seed main() uses, so the same weights."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.loader import LoadedModel
+
+    model, tok = build_model(shape, device, getattr(torch, dtype), long_prompt)
+    return LoadedModel(model, tok, shape, device, dtype, max_model_len, shape, 0.0)
+
+
+def build_model(shape: str, device: str, dtype, long_prompt: int):
+    """The random-weight Llama of ``shape`` (seed 0) on ``device``, and its word tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     kw = dict(SHAPES[shape])
     V = kw.pop("vocab_size")
@@ -272,9 +280,8 @@ def core_model(shape: str, device: str, dtype: str, max_model_len: int, long_pro
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
-    model.eval()
-    return LoadedModel(model, tok, shape, device, dtype, max_model_len, shape, 0.0)
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval(), tok
 
 
 def engine_process_ab(shape: str, args, max_model_len: int, prompts, params, levels, T: int, P: int) -> None:
@@ -366,7 +373,6 @@ def main() -> int:
 
     import torch
     import transformers
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.engine import Engine, EngineConfig
     from engine.loader import LoadedModel
@@ -400,24 +406,9 @@ def main() -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     summary = {}
     for shape in args.shapes.split(","):
-        kw = dict(SHAPES[shape])
-        V = kw.pop("vocab_size")
-        folder = Path(tempfile.mkdtemp())
-        tok = word_tokenizer(V, folder)
-        cfg = LlamaConfig(
-            vocab_size=V,
-            max_position_embeddings=max(4096, 2 * L),
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-            tie_word_embeddings=False,
-            **kw,
-        )
-        torch.manual_seed(0)
+        V = SHAPES[shape]["vocab_size"]
         t0 = time.perf_counter()
-        with torch.device(dev):
-            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-        model.eval()
+        model, tok = build_model(shape, dev, dtype, L)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         emit(
             what="model",
