@@ -150,6 +150,9 @@ def decode_window(traces) -> float:
     return count / (end - start) if end > start else float("nan")
 
 
+UVICORN_HTTP = "auto"  # uvicorn's HTTP implementation: auto (httptools when installed), h11, httptools
+
+
 def http_load(engine, shape: str, words: list, levels, T: int, **labels) -> None:
     """The server in this process, loaded from a subprocess with run_load; ``words``: the prompts (a
     string, or a messages list); ``labels`` go into every line emitted."""
@@ -160,7 +163,8 @@ def http_load(engine, shape: str, words: list, levels, T: int, **labels) -> None
     with socket.socket() as sock:  # a free port (a fixed one hung the run when another process held it)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning", http=UVICORN_HTTP)
+    server = uvicorn.Server(config)
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     while not server.started:
@@ -368,8 +372,16 @@ def main() -> int:
         help="sys.setswitchinterval: how long the event loop may hold the GIL while the engine thread "
         "waits for it after a CUDA sync (Python's default 0.005 s)",
     )
+    ap.add_argument(
+        "--uvicorn-http",
+        choices=["auto", "h11", "httptools"],
+        default="auto",
+        help="uvicorn's HTTP implementation for the HTTP figures (auto: httptools, a dependency)",
+    )
     args = ap.parse_args()
     sys.setswitchinterval(args.switch_interval)
+    global UVICORN_HTTP
+    UVICORN_HTTP = args.uvicorn_http
 
     import torch
     import transformers
