@@ -194,7 +194,8 @@ def test_images_across_messages(client, vlm):
     assert text_of(resp) == expected
 
 
-def test_streaming_with_an_image_equals_the_non_streamed_reply(client, vlm):
+def streamed_equals_plain(client) -> dict:
+    """A streamed image request's text and usage equal the non-streamed reply's; its usage."""
     body = {
         "messages": image_msg(data_url(BLUE)),
         "max_tokens": 8,
@@ -209,12 +210,18 @@ def test_streaming_with_an_image_equals_the_non_streamed_reply(client, vlm):
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
                 if chunk["choices"]:
                     text += chunk["choices"][0]["delta"].get("content") or ""
                 if chunk.get("usage"):
                     usage = chunk["usage"]
     plain = ask(client, image_msg(data_url(BLUE)))
     assert text == text_of(plain) and usage["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    return usage
+
+
+def test_streaming_with_an_image_equals_the_non_streamed_reply(client, vlm):
+    streamed_equals_plain(client)
 
 
 def test_a_batch_of_image_and_text_requests_equals_each_alone(client, vlm):

@@ -10,7 +10,6 @@ runs install one from .gpu/wheels and run this module (.gpu/run.sh); it runs on 
 from __future__ import annotations
 
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,7 +22,17 @@ pytest.importorskip(
 import httpx  # noqa: E402
 from conftest import make_engine, serve_engine  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_vlm import BLUE, CHAT, RED, ask, data_url, image_msg, png, reference, text_of  # noqa: E402
+from test_vlm import (  # noqa: E402
+    BLUE,
+    RED,
+    ask,
+    data_url,
+    image_msg,
+    png,
+    reference,
+    streamed_equals_plain,
+    text_of,
+)
 from tiny_models import build_tiny_qwen2vl  # noqa: E402
 
 WIDE = png((20, 200, 20), size=(200, 100))
@@ -87,28 +96,7 @@ def test_two_images_of_other_grids_give_the_tokens_of_model_generate(client, qwe
 
 
 def test_streaming_with_an_image_equals_the_non_streamed_reply(client):
-    body = {
-        "messages": image_msg(data_url(BLUE)),
-        "max_tokens": 8,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    text, usage = "", None
-    with client.stream("POST", CHAT, json=body) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk["choices"]:
-                    text += chunk["choices"][0]["delta"].get("content") or ""
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-    plain = ask(client, image_msg(data_url(BLUE)))
-    assert text == text_of(plain) and usage["prompt_tokens"] == plain["usage"]["prompt_tokens"]
-    assert usage["completion_tokens"] == 8
+    assert streamed_equals_plain(client)["completion_tokens"] == 8
 
 
 def test_a_batch_of_image_and_text_requests_equals_each_alone(client):
