@@ -60,16 +60,15 @@ def compile_model(model, pool, cache_kw: str, device) -> bool:
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
     torch.fx.experimental._config.use_duck_shape = False
     t0 = time.perf_counter()
-    originals = []
-    for module in [*layers, getattr(decoder, "rotary_emb", None), getattr(decoder, "norm", None)]:
-        if module is not None:
-            originals.append((module, module.forward))
-            module.compile(dynamic=True)
+    extras = (getattr(decoder, "rotary_emb", None), getattr(decoder, "norm", None))
+    modules = [*layers, *(m for m in extras if m is not None)]
+    for module in modules:
+        module.compile(dynamic=True)
     try:
         with torch.inference_mode():
             _warm_up(model, pool, cache_kw, device)
     except Exception as exc:  # noqa: BLE001 (an architecture dynamo cannot trace: stay eager)
-        for module, _ in originals:
+        for module in modules:
             module._compiled_call_impl = None
         log.warning("--compile failed (%s: %s); running eagerly", type(exc).__name__, exc)
         return False

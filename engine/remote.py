@@ -96,9 +96,10 @@ class CoreProcess:
         return msg
 
     def running(self) -> bool:
-        """The child has not exited. Its sentinel says so even when something else in this process
-        reaped it first (then ``is_alive()`` stays True for good: waitpid answers ECHILD), and
-        killing by pid then could hit whatever process got the number next."""
+        """The child has not exited. Its sentinel says so even while another thread of ours reaps
+        it (the reader's ``_core_gone`` joins it too: a join racing it gets ECHILD from waitpid and
+        ``is_alive()`` answers True until that thread records the exit code), and killing by pid
+        then could hit whatever process got the number next."""
         return self.process.exitcode is None and not multiprocessing.connection.wait([self.process.sentinel], 0)
 
     def end(self, timeout: float) -> None:
