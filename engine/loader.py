@@ -264,6 +264,118 @@ def layer_devices(model) -> list[str] | None:
     return out
 
 
+def load_processor(folder: Path):
+    """The model's processor (``AutoProcessor``).
+
+    Processors that also take videos (Qwen2-VL, Qwen2.5-VL, SmolVLM) hold a video processor, and
+    transformers' video processors need torchvision, which ``pip install torch`` does not bring.
+    Without it such a processor cannot be built at all, images or not; the server takes no videos,
+    so it is then built from its image processor, tokenizer and chat template alone (the image
+    processor falls back to its PIL backend), and the log says so.
+    """
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder)
+    except Exception:
+        if importlib.util.find_spec("torchvision") is not None:
+            raise
+        cls = _processor_class(folder)
+        if cls is None or "video_processor" not in cls.get_attributes():
+            raise
+    processor = _image_only_processor(cls, folder)
+    log.warning(
+        "%s built without its video processor: torchvision is not installed (install the torchvision "
+        "that matches your torch to use it); images are served, through the PIL image processor %s",
+        cls.__name__,
+        type(processor.image_processor).__name__,
+    )
+    return processor
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _processor_class(folder: Path):
+    """The processor class a folder names (processor_config, preprocessor_config or tokenizer_config),
+    else the one transformers maps the model's config to."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        found = _read_json(folder / name).get("processor_class")
+        if isinstance(found, str) and isinstance(getattr(transformers, found, None), type):
+            return getattr(transformers, found)
+    try:
+        return PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(folder))]
+    except KeyError:
+        return None
+
+
+class NoVideoProcessor:
+    """Stands where a processor's video processor would be, torchvision missing: its saved settings
+    can be read (SmolVLM's chat template reads ``num_frames`` and ``fps``; unset ones are None), and
+    any use on a video is an error that says why."""
+
+    def __init__(self, settings: dict):
+        self._settings = settings
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._settings.get(name)
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("videos need torchvision, which is not installed")
+
+
+def _image_only_processor(cls, folder: Path):
+    """``cls`` with a ``NoVideoProcessor`` for its video processor: a subclass that lets that one part
+    through the class check, so the processor's own ``__init__`` and ``__call__`` run unchanged."""
+    import inspect
+
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    class ImageOnly(cls):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and isinstance(argument, NoVideoProcessor):
+                return NoVideoProcessor
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnly.__name__, ImageOnly.__qualname__ = cls.__name__, cls.__qualname__
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # the processor's chat template (it places the image tokens): its own file first, as
+    # transformers reads it
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    if template is None:
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+    if template is None:
+        template = tokenizer.chat_template
+    # the processor's own settings (e.g. SmolVLM's image_seq_len), as far as its __init__ takes them
+    takes = inspect.signature(cls.__init__).parameters
+    settings = {
+        k: v
+        for k, v in _read_json(folder / "processor_config.json").items()
+        if k in takes and k not in ("self", "image_processor", "tokenizer", "video_processor", "chat_template")
+    }
+    return ImageOnly(
+        image_processor=AutoImageProcessor.from_pretrained(folder),
+        tokenizer=tokenizer,
+        video_processor=NoVideoProcessor(_read_json(folder / "video_preprocessor_config.json")),
+        chat_template=template,
+        **settings,
+    )
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -298,9 +410,9 @@ def load_model(
     if getattr(AutoConfig.from_pretrained(folder), "vision_config", None) is not None:
         # a vision-language model: image-text-to-text class, and its processor (image processor +
         # tokenizer + the chat template that places the image tokens)
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = load_processor(folder)
         tokenizer = processor.tokenizer
         model = place(_from_pretrained(AutoModelForImageTextToText, folder, kwargs))
     else:

@@ -1,4 +1,5 @@
-"""Vision-language models over HTTP: tiny random-weight LLaVA and Idefics3 (SmolVLM's family) with
+"""Vision-language models over HTTP: tiny random-weight LLaVA, Idefics3 and SmolVLM (Idefics3's
+architecture; its processor is built without its video processor where torchvision is missing) with
 their real processors, images as data: URLs and from a local image server on 127.0.0.1.
 
 The tiny models' words are random, so outputs are compared between runs (alone vs in a batch,
@@ -21,7 +22,7 @@ import pytest
 import torch
 from conftest import make_engine, serve_engine
 from PIL import Image
-from tiny_models import build_tiny_idefics3, build_tiny_llava
+from tiny_models import build_tiny_idefics3, build_tiny_llava, build_tiny_smolvlm
 
 CHAT = "/v1/chat/completions"
 
@@ -101,7 +102,7 @@ def image_server():
 
 
 # ---------------------------------------------------------------------------------- models
-BUILDERS = {"llava": build_tiny_llava, "idefics3": build_tiny_idefics3}
+BUILDERS = {"llava": build_tiny_llava, "idefics3": build_tiny_idefics3, "smolvlm": build_tiny_smolvlm}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -163,7 +164,8 @@ def test_a_data_url_image_gives_the_tokens_of_model_generate(client, vlm):
     assert text_of(resp) == expected
     # usage counts the image tokens the processor expanded
     n_image = resp["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
-    per_image = {"llava": 4, "idefics3": 20}[family]  # 2x2 patches; Idefics3: 4 tiles + a global view, 4 each
+    # 2x2 patches; Idefics3 and SmolVLM: 4 tiles + a global view, 4 each
+    per_image = {"llava": 4, "idefics3": 20, "smolvlm": 20}[family]
     assert n_image >= per_image
     assert engine.stats["images_encoded"] >= 1
 

@@ -1,10 +1,11 @@
 """Qwen2-VL over HTTP with its real processor: the tiny random-weight Qwen2-VL (multimodal rotary
-positions: each image's tokens get 2-D grid positions) saved with a Qwen2VLProcessor and loaded
+positions: each image's tokens get 2-D grid positions) saved with its processor's files and loaded
 through the real loader, images sent as data: URLs.
 
-Qwen2VLProcessor holds a video processor, which needs torchvision, so the module is skipped where
-torchvision is not installed (the development machines: no CPU build for their torch). The GPU
-runs install one from .gpu/wheels and run this module (.gpu/run.sh); it runs on the CPU there.
+Qwen2VLProcessor holds a video processor, which needs torchvision. Where torchvision is installed
+(the GPU runs install it) the processor is the stock one; where it is not (the development
+machines and CI: no torchvision for their torch) the loader builds it without its video processor,
+and these tests show that path serves images all the same.
 """
 
 from __future__ import annotations
@@ -12,17 +13,11 @@ from __future__ import annotations
 import io
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
-
-pytest.importorskip(
-    "torchvision",
-    reason="Qwen2-VL's processor needs torchvision (its video processor); no torchvision is installed",
-)
-
-import httpx  # noqa: E402
-from conftest import make_engine, serve_engine  # noqa: E402
-from PIL import Image  # noqa: E402
-from test_vlm import (  # noqa: E402
+from conftest import make_engine, serve_engine
+from PIL import Image
+from test_vlm import (
     BLUE,
     RED,
     ask,
@@ -33,7 +28,7 @@ from test_vlm import (  # noqa: E402
     streamed_equals_plain,
     text_of,
 )
-from tiny_models import build_tiny_qwen2vl  # noqa: E402
+from tiny_models import build_tiny_qwen2vl
 
 WIDE = png((20, 200, 20), size=(200, 100))
 # Images are resized to multiples of 28 pixels within 56*56..112*112 pixels; 14-pixel patches, merged
@@ -138,3 +133,32 @@ def test_the_same_text_with_other_images_shares_no_image_kv(client, qwen, qwen_d
     assert text_of(b_again) == text_of(b)
     assert a["usage"]["prompt_tokens_details"]["cached_tokens"] <= first_image
     assert text_of(a) != text_of(b)  # the image matters, so shared image KV would show
+
+
+def test_the_processor_class_comes_from_the_model_config_when_no_file_names_it(qwen_dir, tmp_path, caplog):
+    """No processor file names its class: the loader builds the one transformers maps Qwen2-VL's
+    config to, and it expands an image into its grid's tokens. Without torchvision it is built
+    without its video processor, and the log says so."""
+    import json
+    import shutil
+
+    from tiny_models import has_torchvision
+
+    from engine.loader import load_processor
+
+    folder = tmp_path / "qwen2vl"
+    shutil.copytree(qwen_dir, folder)
+    for name in ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json"):
+        if (folder / name).exists():
+            saved = json.loads((folder / name).read_text())
+            saved.pop("processor_class", None)
+            (folder / name).write_text(json.dumps(saved))
+    with caplog.at_level("WARNING", logger="chatserve.loader"):
+        processor = load_processor(folder)
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=[pil(WIDE)], return_tensors="pt")
+    image_token = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert int((enc["input_ids"] == image_token).sum()) == IMAGE_TOKENS[WIDE]
+    assert ("built without its video processor" in caplog.text) == (not has_torchvision())

@@ -5,6 +5,7 @@ Everything is saved with ``save_pretrained`` so the engine's real loading path r
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -174,25 +175,36 @@ def build_tiny_llava(path: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_idefics3(path: Path, seed: int = 0) -> Path:
-    """Idefics3 / SmolVLM: a 1-layer SigLIP-style tower on 56x56 tiles, pixel shuffle (scale 2: 4 image
+    """Idefics3: a 1-layer SigLIP-style tower on 56x56 tiles, pixel shuffle (scale 2: 4 image
     tokens per tile), images split into tiles plus a global view; a real Idefics3Processor."""
-    import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    return _build_idefics3_family(path, seed, smolvlm=False)
 
+
+def build_tiny_smolvlm(path: Path, seed: int = 0) -> Path:
+    """SmolVLM: Idefics3's architecture and tiling under its own classes, with SmolVLMProcessor, which
+    holds a video processor: saved by the processor where torchvision is installed, else its files
+    written part by part as a Hub checkpoint holds them (the loader then builds it without its video
+    processor)."""
+    return _build_idefics3_family(path, seed, smolvlm=True)
+
+
+def _build_idefics3_family(path: Path, seed: int, smolvlm: bool) -> Path:
+    import torch
+    import transformers
+
+    family = "SmolVLM" if smolvlm else "Idefics3"
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path, None)
     tok.add_special_tokens(
         {"additional_special_tokens": ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]}
     )
-    image_processor = Idefics3ImageProcessorPil(
+    module = f"transformers.models.{family.lower()}.image_processing_pil_{family.lower()}"
+    image_processor = getattr(importlib.import_module(module), f"{family}ImageProcessorPil")(
         size={"longest_edge": 112}, max_image_size={"longest_edge": 56}, do_image_splitting=True
     )
-    processor = Idefics3Processor(
-        image_processor=image_processor, tokenizer=tok, image_seq_len=4, chat_template=_vlm_template("<image>")
-    )
-    config = Idefics3Config(
+    template = _vlm_template("<image>")
+    config = getattr(transformers, f"{family}Config")(
         text_config=_tiny_text_config(len(tok), tok.eos_token_id),
         vision_config=dict(
             hidden_size=32,
@@ -207,8 +219,28 @@ def build_tiny_idefics3(path: Path, seed: int = 0) -> Path:
         initializer_range=0.3,
     )
     torch.manual_seed(seed)
-    Idefics3ForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
+    getattr(transformers, f"{family}ForConditionalGeneration")(config).save_pretrained(path)
+    if not smolvlm:
+        transformers.Idefics3Processor(
+            image_processor=image_processor, tokenizer=tok, image_seq_len=4, chat_template=template
+        ).save_pretrained(path)
+    elif has_torchvision():
+        transformers.SmolVLMProcessor(
+            image_processor=image_processor,
+            tokenizer=tok,
+            video_processor=transformers.SmolVLMVideoProcessor(),
+            image_seq_len=4,
+            chat_template=template,
+        ).save_pretrained(path)
+    else:
+        image_processor.save_pretrained(path)
+        (path / "processor_config.json").write_text(
+            json.dumps({"processor_class": "SmolVLMProcessor", "image_seq_len": 4}, indent=2)
+        )
+        video = {"video_processor_type": "SmolVLMVideoProcessor", "processor_class": "SmolVLMProcessor", "fps": 1}
+        (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+        tok.chat_template = template
+        tok.save_pretrained(path)
     return path
 
 
@@ -223,25 +255,52 @@ def has_torchvision() -> bool:
     return True
 
 
+QWEN2VL_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
+QWEN2VL_TEMPLATE = _vlm_template("<|vision_start|><|image_pad|><|vision_end|>")
+
+
 def qwen2vl_processor(tok):
     """A real Qwen2VLProcessor: images resized to 56x56..112x112 pixels (multiples of 28), 14-pixel
     patches merged 2x2, so 2 to 16 image tokens an image. Needs torchvision (its video processor)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
     return Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size),
+        image_processor=Qwen2VLImageProcessor(size=QWEN2VL_SIZE),
         tokenizer=tok,
-        video_processor=Qwen2VLVideoProcessor(size=size),
-        chat_template=_vlm_template("<|vision_start|><|image_pad|><|vision_end|>"),
+        video_processor=Qwen2VLVideoProcessor(size=QWEN2VL_SIZE),
+        chat_template=QWEN2VL_TEMPLATE,
     )
+
+
+def save_qwen2vl_processor_files(tok, path: Path) -> None:
+    """Without torchvision Qwen2VLProcessor cannot be built, so its files are written part by part,
+    as a Hub checkpoint of Qwen2-VL holds them: the image processor's preprocessor_config.json
+    (naming the processor class), the video processor's config, the tokenizer and the chat
+    template."""
+    from transformers import Qwen2VLImageProcessor
+
+    Qwen2VLImageProcessor(size=QWEN2VL_SIZE).save_pretrained(path)
+    config = json.loads((path / "preprocessor_config.json").read_text())
+    config["processor_class"] = "Qwen2VLProcessor"
+    (path / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+    video = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "size": QWEN2VL_SIZE,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+    (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    tok.chat_template = QWEN2VL_TEMPLATE
+    tok.save_pretrained(path)
 
 
 def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     """Qwen2-VL (multimodal rotary positions): a 1-layer vision tower with 14-pixel patches merged 2x2,
-    and a 2-layer text model with M-RoPE. Its processor (``qwen2vl_processor``) is saved only where
-    torchvision is installed: Qwen2-VL's processor needs it, and it has no CPU build for the torch
-    on the development machines; without it, tests make the encoder inputs by hand."""
+    and a 2-layer text model with M-RoPE, with its processor: saved by the processor where torchvision
+    is installed, else its files written part by part (the processor needs torchvision to be built;
+    the loader then builds it without its video processor)."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -284,4 +343,6 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     Qwen2VLForConditionalGeneration(config).save_pretrained(path)
     if has_torchvision():
         qwen2vl_processor(tok).save_pretrained(path)
+    else:
+        save_qwen2vl_processor_files(tok, path)
     return path
