@@ -44,7 +44,7 @@ from .cuda_graphs import DecodeGraphs
 from .detokenize import TokenTexts
 from .kv_cache import KVPool
 from .loader import LoadedModel
-from .multimodal import MultimodalMixin
+from .multimodal import MultimodalMixin, attends_both_ways_within_images
 from .output import OutputMixin
 from .prompt import PromptRenderer
 from .prompt_api import PromptAPI
@@ -117,6 +117,9 @@ class Engine(PromptAPI, KVAdmission, MultimodalMixin, OutputMixin, FallbackSteps
             self.model, self._cache_kw, self.device, loaded.layer_devices
         )
         self.image_token_id = self._image_token_id()
+        self.images_attend_both_ways = self.image_token_id is not None and attends_both_ways_within_images(self.model)
+        if self.images_attend_both_ways:
+            log.info("image tokens attend to each other both ways (the model's masks): prompt chunks keep images whole")
         # multimodal rotary positions (Qwen2-VL family): three position axes per token, from the model
         inner = getattr(self.model, "model", None)
         self.mrope = inner is not None and hasattr(inner, "get_rope_index")
@@ -330,7 +333,8 @@ class Engine(PromptAPI, KVAdmission, MultimodalMixin, OutputMixin, FallbackSteps
             positions += range(start, start + n)
             if self.mrope:
                 position_parts.append(self._mrope_positions(seq, start, n))
-            chunks.append((seq.block_table, start, n))
+            runs = [(a, b) for a, b in seq.image_runs if a < start + n and b > start]
+            chunks.append((seq.block_table, start, n, runs) if runs else (seq.block_table, start, n))
             seq.num_prefilled += n
             self.stats["prefill_tokens"] += n
             if seq.num_prefilled >= seq.num_tokens:

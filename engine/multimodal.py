@@ -14,6 +14,38 @@ from .scheduler import Sequence
 log = logging.getLogger("chatserve.engine")
 
 
+def attends_both_ways_within_images(model) -> bool:
+    """Whether the model's own forward lets an image's tokens attend to each other both ways
+    (Gemma 3, Gemma 4, ...) rather than causally: its modeling code builds its masks with
+    transformers' ``blockwise_overlay``, whose blocks are the runs of image tokens."""
+    import inspect
+    import sys
+
+    for cls in type(model).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is None or not cls.__module__.startswith("transformers.models."):
+            continue
+        try:
+            source = inspect.getsource(module)
+        except (OSError, TypeError):
+            continue
+        if "blockwise_overlay(" in source:
+            return True
+    return False
+
+
+def image_runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Sorted image-token positions as [start, end) runs of consecutive positions (one per image,
+    as the model's own masks group them)."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
 class MultimodalMixin:
     """Part of Engine (engine.py): the image tokens, the vision encoder and M-RoPE positions."""
 
@@ -65,6 +97,8 @@ class MultimodalMixin:
                 f"{seq.image_embeds.shape[0]} image embeddings"
             )
         seq.mm_key = (seq.image_positions[0], mm.digest) if seq.image_positions else None
+        if self.images_attend_both_ways:
+            seq.image_runs = image_runs(seq.image_positions)
         if self.mrope and "image_grid_thw" in inputs:
             ids = torch.tensor([seq.request.prompt_ids], device=self.device)
             pos, delta = self.model.model.get_rope_index(

@@ -15,7 +15,8 @@ decode step's matrix multiplications. Only attention cares which sequence a toke
   each row's block table, padding masked. Prompt chunks that start their sequence attend causally
   over their own fresh keys, all of them in one padded SDPA call; a continuation chunk attends
   over everything of its sequence gathered from the pool. Sliding-window layers (the model
-  passes ``sliding_window`` to its attention function) get the window in their masks.
+  passes ``sliding_window`` to its attention function) get the window in their masks, and models
+  whose image tokens attend to each other both ways (Gemma 3) get each image's block in them.
 
 A model spread over several GPUs (``device_map``) runs its layers one device after another, each
 with its KV in the pool on its own device: the step's metadata is built once on the first device
@@ -96,6 +97,21 @@ class Segment:
     past: int
     n: int
     context: torch.Tensor | None  # slots of positions [0, past + n) when past > 0
+    # images whose tokens attend to each other both ways (Gemma 3): [start, end) positions, the
+    # chunk holding each whole (Sequence.whole_images) or its end after earlier tokens of it
+    runs: tuple = ()
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, window: int | None, runs) -> torch.Tensor:
+    """True where query position q may attend to key position k: causal, or both inside the same
+    image of ``runs``; then within the sliding window (the model's own order: window AND (causal OR
+    image))."""
+    allowed = k <= q
+    for a, b in runs:
+        allowed = allowed | ((q >= a) & (q < b) & (k >= a) & (k < b))
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed
 
 
 class _FreshBatch:
@@ -114,15 +130,17 @@ class _FreshBatch:
         self.valid = pos[None, :] < sizes[:, None]  # [k, width]
         self.keep = self.valid.reshape(-1).nonzero().squeeze(1)
         self.pos = pos
+        self.runs = [segments[i].runs for i in members]
         self._masks: dict = {}
 
     def mask(self, window: int | None) -> torch.Tensor:
         if window not in self._masks:
             q, k = self.pos[:, None], self.pos[None, :]
-            allowed = k <= q
-            if window is not None:
-                allowed = allowed & (k > q - window)
-            self._masks[window] = (allowed[None] & self.valid[:, None, :])[:, None]  # [k, 1, width, width]
+            if any(self.runs):  # a chunk's images differ: a mask of its own each
+                allowed = torch.stack([_attend(q, k, window, runs) for runs in self.runs])
+            else:
+                allowed = _attend(q, k, window, ())[None]
+            self._masks[window] = (allowed & self.valid[:, None, :])[:, None]  # [k, 1, width, width]
         return self._masks[window]
 
 
@@ -176,7 +194,7 @@ class PagedStep:
             def to(t):
                 return None if t is None else t.to(device)
 
-            segments = [Segment(s.offset, s.past, s.n, to(s.context)) for s in self.segments]
+            segments = [Segment(s.offset, s.past, s.n, to(s.context), s.runs) for s in self.segments]
             copy = PagedStep(
                 self.pool,
                 to(self.slot_mapping),
@@ -195,7 +213,8 @@ class PagedStep:
     def build(
         cls, pool: KVPool, rows: list[tuple[list[int], int]], chunks: list[tuple[list[int], int, int]], device
     ) -> PagedStep:
-        """rows: (block table, context length incl. this step's token); chunks: (block table, past, n)."""
+        """rows: (block table, context length incl. this step's token); chunks: (block table, past, n)
+        or (block table, past, n, image runs) (Segment.runs)."""
         bs = pool.block_size
         mapping: list[int] = []
         row_slots = row_lengths = tables = None
@@ -218,11 +237,11 @@ class PagedStep:
         segments = []
         offset = len(rows)
         parts = [torch.tensor(mapping, dtype=torch.long, device=device)] if rows else []
-        for table, past, n in chunks:
+        for table, past, n, *runs in chunks:
             t = torch.tensor(table, dtype=torch.long, device=device)
             context = slots(t, 0, past + n, bs) if past else None
             parts.append(context[past:] if past else slots(t, 0, n, bs))
-            segments.append(Segment(offset, past, n, context))
+            segments.append(Segment(offset, past, n, context, tuple(runs[0]) if runs else ()))
             offset += n
         mapping_t = parts[0] if len(parts) == 1 else torch.cat(parts)
         step = cls(pool, mapping_t, len(rows), row_slots, row_lengths, segments, tables, splits)
@@ -254,16 +273,13 @@ class PagedStep:
         return self._masks[key]
 
     def segment_mask(self, seg: Segment, window: int | None, device) -> torch.Tensor | None:
-        if seg.past == 0 and (window is None or seg.n <= window):
+        if seg.past == 0 and (window is None or seg.n <= window) and not seg.runs:
             return None  # plain causal over the chunk's own keys
-        key = (seg.past, seg.n, window)
+        key = (seg.past, seg.n, window, seg.runs)
         if key not in self._masks:
             q = torch.arange(seg.past, seg.past + seg.n, device=device)[:, None]
             k = torch.arange(seg.past + seg.n, device=device)[None, :]
-            mask = k <= q
-            if window is not None:
-                mask &= k > q - window
-            self._masks[key] = mask[None, None]
+            self._masks[key] = _attend(q, k, window, seg.runs)[None, None]
         return self._masks[key]
 
     def fresh_batch(self) -> _FreshBatch | None:

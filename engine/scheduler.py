@@ -42,6 +42,8 @@ class Sequence:
     image_embeds: object = None
     image_positions: list[int] = field(default_factory=list)
     mm_key: tuple | None = None  # (first image token, images' digest): the prefix-cache key
+    # models whose image tokens attend to each other both ways (Gemma 3): each image's [start, end)
+    image_runs: list[tuple[int, int]] = field(default_factory=list)
     mrope_prompt: object = None  # M-RoPE models: the prompt's [3, L] positions (with images)
     mrope_delta: int = 0  # and how far later positions are shifted
     prompt_lps: list | None = None  # prompt logprobs computed so far (when asked for)
@@ -68,6 +70,17 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def whole_images(self, start: int, n: int) -> int:
+        """``n`` prompt tokens from ``start``, moved so the chunk does not end inside an image whose
+        tokens attend to each other both ways (``image_runs``): every token of an image must be in
+        the step that computes any of them. The chunk then ends before that image, or, if it starts
+        inside or at it, at its end."""
+        end = start + n
+        for a, b in self.image_runs:
+            if a < end < b:
+                return a - start if a > start else b - start
+        return n
 
     def append(self, token: int) -> None:
         self.output_ids.append(token)
@@ -138,7 +151,7 @@ class Scheduler:
             if not seq.started and begin is not None and not begin(seq):
                 break
             remaining = seq.num_tokens - seq.num_prefilled
-            n = min(remaining, budget)
+            n = seq.whole_images(seq.num_prefilled, min(remaining, budget))
             work.append((seq, n))
             budget -= n
             if n < remaining:

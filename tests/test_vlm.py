@@ -1,6 +1,7 @@
-"""Vision-language models over HTTP: tiny random-weight LLaVA, Idefics3 and SmolVLM (Idefics3's
-architecture; its processor is built without its video processor where torchvision is missing) with
-their real processors, images as data: URLs and from a local image server on 127.0.0.1.
+"""Vision-language models over HTTP: tiny random-weight LLaVA, LLaVA-NeXT, Idefics3, SmolVLM,
+Gemma 3 and Qwen2.5-VL with their real processors (SmolVLM's and Qwen2.5-VL's are built without
+their video processors where torchvision is missing), images as data: URLs and from a local image
+server on 127.0.0.1. Qwen2-VL has its own module (test_vlm_qwen2vl.py).
 
 The tiny models' words are random, so outputs are compared between runs (alone vs in a batch,
 data: vs http, stream vs not) and against ``model.generate`` on the processor's own inputs.
@@ -22,7 +23,14 @@ import pytest
 import torch
 from conftest import make_engine, serve_engine
 from PIL import Image
-from tiny_models import build_tiny_idefics3, build_tiny_llava, build_tiny_smolvlm
+from tiny_models import (
+    build_tiny_gemma3,
+    build_tiny_idefics3,
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_qwen25vl,
+    build_tiny_smolvlm,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -102,7 +110,14 @@ def image_server():
 
 
 # ---------------------------------------------------------------------------------- models
-BUILDERS = {"llava": build_tiny_llava, "idefics3": build_tiny_idefics3, "smolvlm": build_tiny_smolvlm}
+BUILDERS = {
+    "llava": build_tiny_llava,
+    "llava_next": build_tiny_llava_next,
+    "idefics3": build_tiny_idefics3,
+    "smolvlm": build_tiny_smolvlm,
+    "gemma3": build_tiny_gemma3,
+    "qwen25vl": build_tiny_qwen25vl,
+}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -164,8 +179,9 @@ def test_a_data_url_image_gives_the_tokens_of_model_generate(client, vlm):
     assert text_of(resp) == expected
     # usage counts the image tokens the processor expanded
     n_image = resp["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
-    # 2x2 patches; Idefics3 and SmolVLM: 4 tiles + a global view, 4 each
-    per_image = {"llava": 4, "idefics3": 20, "smolvlm": 20}[family]
+    # LLaVA: 2x2 patches; LLaVA-NeXT: the base view's 4 and a tile grid's; Idefics3 and SmolVLM: 4
+    # tiles + a global view, 4 each; Gemma 3: 16 patches pooled to 4; Qwen2.5-VL: 28x28 pixels each
+    per_image = {"llava": 4, "llava_next": 8, "idefics3": 20, "smolvlm": 20, "gemma3": 4, "qwen25vl": 4}[family]
     assert n_image >= per_image
     assert engine.stats["images_encoded"] >= 1
 
@@ -488,3 +504,37 @@ def test_json_schema_logprobs_seeds_and_stop_strings_work_with_images(client, vl
     if stop.strip():
         cut = text_of(ask(client, msgs, max_tokens=12, stop=[stop]))
         assert stop not in cut and full.startswith(cut)
+
+
+def test_gemma3_image_tokens_attend_to_each_other_both_ways_as_in_its_own_forward(tmp_path):
+    """Gemma 3's own forward lets an image's tokens attend to each other both ways (causal elsewhere).
+    Served in prompt chunks of 3 tokens, which would cut its 4-token images apart, and beside a
+    text request, the first token's logprobs equal the model's own forward over the processor's
+    inputs; a causal-only forward differs by far more than the tolerance, so this would show it."""
+    folder = build_tiny_gemma3(tmp_path / "gemma3")
+    engine = make_engine(folder, prefill_chunk=3)
+    assert engine.images_attend_both_ways
+    messages = image_msg(data_url(RED), data_url(BLUE))
+    images = [Image.open(io.BytesIO(raw)).convert("RGB") for raw in (RED, BLUE)]
+    enc = engine.prompts.processor(
+        text=[engine.prompts.render_text(messages)], images=images, return_tensors="pt", add_special_tokens=False
+    )
+    assert int(enc["token_type_ids"].sum()) == 8  # two images, 4 tokens each, marked for the model's masks
+    with torch.inference_mode():
+        own = engine.model(**enc).logits[0, -1].log_softmax(-1)
+        causal = engine.model(**{k: v for k, v in enc.items() if k != "token_type_ids"}).logits[0, -1].log_softmax(-1)
+    expected = own.topk(5)
+    assert (causal[expected.indices] - expected.values).abs().max() > 1e-3
+    try:
+        with serve_engine(engine) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as client:
+            body = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+            with ThreadPoolExecutor(2) as pool:  # a text request in the same steps
+                text = pool.submit(ask, client, [{"role": "user", "content": "Say something long " * 6}], **body)
+                resp = ask(client, messages, **body)
+                text.result()
+    finally:
+        engine.stop()
+    top = resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    got = torch.tensor([t["logprob"] for t in top])
+    assert torch.allclose(got, expected.values, atol=1e-4), (got, expected.values)
+    assert [t["token"] for t in top] == [engine.tokenizer.decode([i]) for i in expected.indices.tolist()]

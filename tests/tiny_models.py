@@ -174,6 +174,53 @@ def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_llava_next(path: Path, seed: int = 0) -> Path:
+    """LLaVA-NeXT: LLaVA's tiny tower and Llama with "anyres" tiling: an image is resized to the best
+    of three grids (28x28, 28x56, 56x28), cut into 28x28 tiles plus a base view, and its features
+    unpadded to the image's aspect ratio with a newline embedding per row; a real LlavaNextProcessor."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path, None)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    pins = [[28, 28], [28, 56], [56, 28]]
+    image_processor = transformers.LlavaNextImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pins
+    )
+    processor = transformers.LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+        chat_template=_vlm_template("<image>"),
+    )
+    config = transformers.LlavaNextConfig(
+        text_config=_tiny_text_config(len(tok), tok.eos_token_id),
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=32,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pins,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(seed)
+    transformers.LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def build_tiny_idefics3(path: Path, seed: int = 0) -> Path:
     """Idefics3: a 1-layer SigLIP-style tower on 56x56 tiles, pixel shuffle (scale 2: 4 image
     tokens per tile), images split into tiles plus a global view; a real Idefics3Processor."""
@@ -244,6 +291,62 @@ def _build_idefics3_family(path: Path, seed: int, smolvlm: bool) -> Path:
     return path
 
 
+def build_tiny_gemma3(path: Path, seed: int = 0) -> Path:
+    """Gemma 3: a 1-layer SigLIP tower on 28x28 images (16 patches pooled to 4 image tokens), and a
+    4-layer Gemma 3 text model alternating sliding-window (16 tokens) and full attention. Its own
+    masks let an image's tokens attend to each other both ways. A real Gemma3Processor; the
+    tokenizer names its image tokens as Gemma's does (``extra_special_tokens``). Gemma's own
+    initialisation (0.02): larger weights make its outputs the same token whatever the image."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = build_tokenizer(path, None)
+    tok.add_special_tokens({"additional_special_tokens": list(names.values())})
+    tok.save_pretrained(path)
+    tok = transformers.AutoTokenizer.from_pretrained(path, extra_special_tokens=names)
+    processor = transformers.Gemma3Processor(
+        image_processor=transformers.Gemma3ImageProcessor(size={"height": 28, "width": 28}),
+        tokenizer=tok,
+        image_seq_length=4,
+        chat_template=_vlm_template("<start_of_image>"),
+    )
+    text = transformers.Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        eos_token_id=tok.eos_token_id,
+    )
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=7
+    )
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=ids["boi_token"],
+        eoi_token_index=ids["eoi_token"],
+        image_token_index=ids["image_token"],
+    )
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # the projector's weight starts at zero: every image would look the same
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 QWEN2VL_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 
 
@@ -259,12 +362,14 @@ QWEN2VL_SIZE = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}
 QWEN2VL_TEMPLATE = _vlm_template("<|vision_start|><|image_pad|><|vision_end|>")
 
 
-def qwen2vl_processor(tok):
-    """A real Qwen2VLProcessor: images resized to 56x56..112x112 pixels (multiples of 28), 14-pixel
-    patches merged 2x2, so 2 to 16 image tokens an image. Needs torchvision (its video processor)."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def qwen2vl_processor(tok, processor_class: str = "Qwen2VLProcessor"):
+    """A real Qwen2VLProcessor (or Qwen2_5_VLProcessor, which takes the same parts): images resized
+    to 56x56..112x112 pixels (multiples of 28), 14-pixel patches merged 2x2, so 2 to 16 image tokens
+    an image. Needs torchvision (its video processor)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    return Qwen2VLProcessor(
+    return getattr(transformers, processor_class)(
         image_processor=Qwen2VLImageProcessor(size=QWEN2VL_SIZE),
         tokenizer=tok,
         video_processor=Qwen2VLVideoProcessor(size=QWEN2VL_SIZE),
@@ -272,7 +377,7 @@ def qwen2vl_processor(tok):
     )
 
 
-def save_qwen2vl_processor_files(tok, path: Path) -> None:
+def save_qwen2vl_processor_files(tok, path: Path, processor_class: str = "Qwen2VLProcessor") -> None:
     """Without torchvision Qwen2VLProcessor cannot be built, so its files are written part by part,
     as a Hub checkpoint of Qwen2-VL holds them: the image processor's preprocessor_config.json
     (naming the processor class), the video processor's config, the tokenizer and the chat
@@ -281,11 +386,11 @@ def save_qwen2vl_processor_files(tok, path: Path) -> None:
 
     Qwen2VLImageProcessor(size=QWEN2VL_SIZE).save_pretrained(path)
     config = json.loads((path / "preprocessor_config.json").read_text())
-    config["processor_class"] = "Qwen2VLProcessor"
+    config["processor_class"] = processor_class
     (path / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
     video = {
         "video_processor_type": "Qwen2VLVideoProcessor",
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": processor_class,
         "size": QWEN2VL_SIZE,
         "patch_size": 14,
         "temporal_patch_size": 2,
@@ -301,8 +406,18 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     and a 2-layer text model with M-RoPE, with its processor: saved by the processor where torchvision
     is installed, else its files written part by part (the processor needs torchvision to be built;
     the loader then builds it without its video processor)."""
+    return _build_qwen_vl(path, seed, "Qwen2VL")
+
+
+def build_tiny_qwen25vl(path: Path, seed: int = 0) -> Path:
+    """Qwen2.5-VL: Qwen2-VL's M-RoPE text model and processor, and its own vision tower (windowed
+    attention in one block, full in the other; RMSNorm and a gated MLP)."""
+    return _build_qwen_vl(path, seed, "Qwen2_5_VL")
+
+
+def _build_qwen_vl(path: Path, seed: int, family: str) -> Path:
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    import transformers
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -310,7 +425,14 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
     tok.add_special_tokens({"additional_special_tokens": QWEN2VL_TOKENS})
     tok.save_pretrained(path)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_TOKENS}
-    config = Qwen2VLConfig(
+    if family == "Qwen2VL":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+    else:
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, window_size=56,
+            fullatt_block_indexes=[1],
+        )  # fmt: skip
+    config = getattr(transformers, f"{family}Config")(
         text_config=dict(
             vocab_size=len(tok),
             hidden_size=64,
@@ -323,26 +445,17 @@ def build_tiny_qwen2vl(path: Path, seed: int = 0) -> Path:
             eos_token_id=tok.eos_token_id,
             initializer_range=0.3,
         ),
-        vision_config=dict(
-            depth=1,
-            embed_dim=32,
-            hidden_size=64,
-            num_heads=2,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_chans=3,
-        ),
+        vision_config=dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    getattr(transformers, f"{family}ForConditionalGeneration")(config).save_pretrained(path)
+    processor_class = f"{family}Processor"
     if has_torchvision():
-        qwen2vl_processor(tok).save_pretrained(path)
+        qwen2vl_processor(tok, processor_class).save_pretrained(path)
     else:
-        save_qwen2vl_processor_files(tok, path)
+        save_qwen2vl_processor_files(tok, path, processor_class)
     return path
