@@ -94,7 +94,10 @@ class KVAdmission:
     def _begin(self, seq: Sequence) -> bool:
         """Give a sequence about to be prefilled its KV; False when there is no room for it yet."""
         if not self.packed:
-            seq.prefill_cache = DynamicCache(config=self.model.config)
+            # full-length layers for every layer (no config): a sliding-window layer's cache keeps only
+            # the window and a KV-shared layer's none, and the decode batch pads and joins every
+            # layer to one length (engine/batch.py); the model's own masks still apply its windows
+            seq.prefill_cache = DynamicCache()
         else:
             need = self.blocks.blocks_for(seq.num_tokens)
             busy = self.scheduler.running or any(s.started for s in self.scheduler.waiting)

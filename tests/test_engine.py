@@ -116,8 +116,11 @@ def test_each_row_behaves_as_alone_in_a_batch(engine):
     assert "a" not in alone[5][0] and "b" not in alone[5][0]
 
 
-def test_a_sliding_window_model_gives_the_tokens_of_generate(tiny_model_dir, tmp_path):
-    """Paged attention applies the window the model passes it: prompt and output longer than it."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_a_sliding_window_model_gives_the_tokens_of_generate(tiny_model_dir, tmp_path, packed):
+    """Paged attention applies the window the model passes it: prompt and output longer than it. The
+    fallback path too, whose batch cache once took its length from a windowed layer's cache (which
+    keeps only the window): two rows of different lengths then failed to join, failing every row."""
     import json
     import shutil
 
@@ -136,9 +139,9 @@ def test_a_sliding_window_model_gives_the_tokens_of_generate(tiny_model_dir, tmp
         layer_types=["sliding_attention", "full_attention"],
     )
     (folder / "config.json").write_text(json.dumps(cfg))
-    eng = make_engine(folder, prefill_chunk=7)
+    eng = make_engine(folder, prefill_chunk=7, packed=packed)
     try:
-        assert eng.packed is True
+        assert eng.packed is packed
         ids = prompt_ids(eng, "The quick brown fox jumps over")
         params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -147,12 +150,38 @@ def test_a_sliding_window_model_gives_the_tokens_of_generate(tiny_model_dir, tmp
                 collect(eng, prompt_ids(eng, "Hello there"), params, "other"), collect(eng, ids, params, "target")
             )
 
-        got = result(asyncio.run(two())[1])[1]
-        assert len(ids) > 8
+        other, target = asyncio.run(two())
+        assert len(ids) > 8 and target[-1].finish_reason == other[-1].finish_reason == "length"
         with torch.inference_mode():
             eng.model.set_attn_implementation("sdpa")
             ref = eng.model.generate(torch.tensor([ids]), max_new_tokens=20, min_new_tokens=20, do_sample=False)
-        assert got == ref[0, len(ids) :].tolist()
+        assert result(target)[1] == ref[0, len(ids) :].tolist()
+    finally:
+        eng.stop()
+
+
+def test_gemma4_kv_shared_layers_on_the_fallback_path_give_the_tokens_of_generate(tmp_path):
+    """Gemma 4's text model (per-layer head sizes: the paged self-test refuses it; its last layers reuse
+    earlier layers' keys and values) on the fallback path: three rows of different lengths, each past
+    the 16-token window, decode together and each gives model.generate's tokens."""
+    import torch
+    from tiny_models import build_tiny_gemma4_text
+
+    eng = make_engine(build_tiny_gemma4_text(tmp_path / "gemma4"))
+    try:
+        assert eng.packed is False
+        prompts = [prompt_ids(eng, "Hello there, tell me a story about " * k) for k in (1, 3, 6)]
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+        async def together():
+            return await asyncio.gather(*[collect(eng, ids, params, str(i)) for i, ids in enumerate(prompts)])
+
+        got = [result(events)[1] for events in asyncio.run(together())]
+        assert eng.stats["decode_rows"] > eng.stats["decode_steps"]  # the rows were batched
+        with torch.inference_mode():
+            for ids, tokens in zip(prompts, got):
+                ref = eng.model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+                assert len(ids) > 16 and tokens == ref[0, len(ids) :].tolist()
     finally:
         eng.stop()
 

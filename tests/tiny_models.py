@@ -126,6 +126,38 @@ def _tiny_text_config(vocab_size: int, eos: int, max_position_embeddings: int = 
     )  # larger weights: outputs depend on the inputs
 
 
+def build_tiny_gemma4_text(path: Path, seed: int = 0) -> Path:
+    """Gemma 4's text model: 4 layers alternating sliding-window (16 tokens) and full attention, the
+    last two reusing the keys and values of the first two (KV sharing), and per-layer inputs."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path, CHAT_TEMPLATE)
+    tok.save_pretrained(path)
+    config = transformers.Gemma4TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=len(tok),
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(seed)
+    transformers.Gemma4ForCausalLM(config).save_pretrained(path)
+    return path
+
+
 def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     """LLaVA: a 1-layer CLIP vision tower on 28x28 images (4 patches -> 4 image tokens per image),
     a projector and the 2-layer Llama; a real LlavaProcessor (CLIP image processor)."""
