@@ -1,7 +1,8 @@
 """The KV pool: every layer's keys and values for every sequence, preallocated once at start-up.
 
 Per layer one key tensor and one value tensor of ``[num_blocks * block_size, kv_heads, head_dim]``
-token slots. Which slots belong to which sequence is engine/block_manager.py's business; a step
+token slots (each layer its own sizes where they differ; none for a layer that reuses another
+layer's keys and values). Which slots belong to which sequence is engine/block_manager.py's business; a step
 writes its new keys and values with one scatter per layer (``index_copy_`` at the step's slot
 mapping) and attention reads them back through the sequences' block tables (engine/paged.py).
 Nothing is ever concatenated or copied as a whole.
@@ -32,21 +33,42 @@ DEFAULT_CPU_GB = 1.0
 @dataclass
 class PoolShape:
     num_layers: int
-    kv_heads: int
-    head_dim: int
+    kv_heads: int  # the most any layer has
+    head_dim: int  # the largest any layer has
     dtype: torch.dtype
+    # each layer's (kv_heads, head_dim); (0, 0) for a layer that reuses another layer's keys and
+    # values (Gemma 4's KV-shared layers: they write nothing and hold no slots). None: every layer
+    # has (kv_heads, head_dim)
+    layers: list[tuple[int, int]] | None = None
+    stores: frozenset = frozenset()  # layers whose keys and values later layers reuse
 
     @classmethod
     def of(cls, model) -> PoolShape:
         cfg = model.config
         cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, kv_heads, head_dim, next(model.parameters()).dtype)
+        views = getattr(cfg, "per_layer_config", None)  # transformers' per-layer view (Gemma 4's sizes vary)
+        sharing = getattr(cfg, "kv_sharing_modes", None) or [None] * cfg.num_hidden_layers
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            c = views[i] if views is not None else cfg
+            head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+            kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+            layers.append((0, 0) if sharing[i] == "reuse" else (kv_heads, head_dim))
+        kv_heads = max(h for h, _ in layers)
+        head_dim = max(d for _, d in layers)
+        uniform = all(x == (kv_heads, head_dim) for x in layers)
+        stores = frozenset(i for i, mode in enumerate(sharing) if mode == "store")
+        dtype = next(model.parameters()).dtype
+        return cls(cfg.num_hidden_layers, kv_heads, head_dim, dtype, None if uniform else layers, stores)
 
-    def bytes_per_token(self, num_layers: int | None = None) -> int:
-        layers = self.num_layers if num_layers is None else num_layers
-        return layers * 2 * self.kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+    def layer(self, i: int) -> tuple[int, int]:
+        return (self.kv_heads, self.head_dim) if self.layers is None else self.layers[i]
+
+    def bytes_per_token(self, layers=None) -> int:
+        """Keys and values of one token over ``layers`` (layer indices; default: all)."""
+        which = range(self.num_layers) if layers is None else layers
+        size = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(2 * h * d * size for h, d in map(self.layer, which))
 
 
 def per_layer(device, num_layers: int) -> list[torch.device]:
@@ -79,9 +101,9 @@ def plan_num_blocks(
     if gb is not None:  # the whole pool's size, over every device
         n, why = int(gb * 2**30) // (shape.bytes_per_token() * block_size), f"{gb:g} GiB (set)"
     else:
-        counts: dict[torch.device, int] = {}
-        for d in layers:
-            counts[d] = counts.get(d, 0) + 1
+        counts: dict[torch.device, list[int]] = {}
+        for i, d in enumerate(layers):
+            counts.setdefault(d, []).append(i)
         fraction = 0.9 if memory_fraction is None else memory_fraction
         n, why = None, ""
         for d, num in counts.items():
@@ -91,9 +113,9 @@ def plan_num_blocks(
                 said = f"{fraction:g} of the {free / 2**30:.1f} GiB free after loading the model"
             else:
                 budget, said = int(DEFAULT_CPU_GB * 2**30), f"{DEFAULT_CPU_GB:g} GiB (default off CUDA)"
-            fits = budget // (shape.bytes_per_token(num) * block_size)
+            fits = budget // max(1, shape.bytes_per_token(num) * block_size)
             if n is None or fits < n:
-                n, why = fits, said + (f" on {d} ({num} of {shape.num_layers} layers)" if len(counts) > 1 else "")
+                n, why = fits, said + (f" on {d} ({len(num)} of {shape.num_layers} layers)" if len(counts) > 1 else "")
     n = max(2, n)
     if n > need:
         return need, f"{need} blocks: enough for {max_running} rows at {max_model_len} tokens (budget {why})"
@@ -110,7 +132,8 @@ class KVPool:
         slots = num_blocks * block_size
         # zeros: block 0 must be, and touching every page now keeps the process's memory flat later
         self.keys = [
-            torch.zeros(slots, shape.kv_heads, shape.head_dim, dtype=shape.dtype, device=d) for d in self.devices
+            torch.zeros(slots if shape.layer(i)[0] else 0, *shape.layer(i), dtype=shape.dtype, device=d)
+            for i, d in enumerate(self.devices)
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
 

@@ -178,7 +178,10 @@ class PagedStep:
         self.splits = splits  # the kernel's context splits (engine/triton_attention.py)
         self.min_len = self.max_len = 0  # shortest / longest row context (Python ints: no device sync)
         self.segments = segments
-        self._fresh: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the last layer's new keys and values (its attention comes next), and those of layers whose
+        # keys and values later layers reuse (Gemma 4's KV sharing: those layers attend with them)
+        self._fresh: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict = {}
         self._copies: dict[torch.device, PagedStep] = {}  # this step's metadata on other devices
 
@@ -253,7 +256,9 @@ class PagedStep:
         # [1, H, N, D] -> [N, H, D] into the pool (this layer's part of it is on the layer's device)
         mapping = self.on(key_states.device).slot_mapping
         self.pool.write(layer_idx, mapping, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
-        self._fresh = (key_states, value_states)
+        self._fresh = (layer_idx, key_states, value_states)
+        if layer_idx in self.pool.shape.stores:
+            self._kept[layer_idx] = (key_states, value_states)
         ref = _LayerRef(self, layer_idx)
         return ref, ref
 
@@ -304,7 +309,8 @@ def paged_attention(module, query, key, value, attention_mask, dropout: float = 
     if kwargs.get("softcap") is not None:
         raise ValueError("paged attention does not implement logit soft-capping")
     step, li = key.step, key.layer
-    fresh_k, fresh_v = step._fresh  # this layer's new keys and values
+    # this layer's new keys and values (or, for a layer that reuses another's, that layer's)
+    fresh_k, fresh_v = step._fresh[1:] if step._fresh[0] == li else step._kept[li]
     step = step.on(query.device)  # the step's metadata on this layer's device
     window = kwargs.get("sliding_window")
     parts = []

@@ -160,16 +160,22 @@ def test_a_sliding_window_model_gives_the_tokens_of_generate(tiny_model_dir, tmp
         eng.stop()
 
 
-def test_gemma4_kv_shared_layers_on_the_fallback_path_give_the_tokens_of_generate(tmp_path):
-    """Gemma 4's text model (per-layer head sizes: the paged self-test refuses it; its last layers reuse
-    earlier layers' keys and values) on the fallback path: three rows of different lengths, each past
-    the 16-token window, decode together and each gives model.generate's tokens."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_gemma4_kv_shared_layers_give_the_tokens_of_generate(tmp_path, packed):
+    """Gemma 4's text model: its head size differs between sliding and full layers, and its last two
+    layers reuse the first two's keys and values. Three rows of different lengths, each past the
+    16-token window, decode together (prompts in 7-token chunks on the paged path) and each gives
+    model.generate's tokens. In the pool the reusing layers hold no slots."""
     import torch
     from tiny_models import build_tiny_gemma4_text
 
-    eng = make_engine(build_tiny_gemma4_text(tmp_path / "gemma4"))
+    eng = make_engine(build_tiny_gemma4_text(tmp_path / "gemma4"), packed=packed, prefill_chunk=7)
     try:
-        assert eng.packed is False
+        assert eng.packed is packed
+        if packed:
+            sizes = [tuple(k.shape) for k in eng.pool.keys]
+            slots = eng.pool.num_blocks * eng.pool.block_size
+            assert sizes == [(slots, 2, 16), (slots, 2, 512), (0, 0, 0), (0, 0, 0)]
         prompts = [prompt_ids(eng, "Hello there, tell me a story about " * k) for k in (1, 3, 6)]
         params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -179,6 +185,8 @@ def test_gemma4_kv_shared_layers_on_the_fallback_path_give_the_tokens_of_generat
         got = [result(events)[1] for events in asyncio.run(together())]
         assert eng.stats["decode_rows"] > eng.stats["decode_steps"]  # the rows were batched
         with torch.inference_mode():
+            if packed:
+                eng.model.set_attn_implementation("sdpa")
             for ids, tokens in zip(prompts, got):
                 ref = eng.model.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
                 assert len(ids) > 16 and tokens == ref[0, len(ids) :].tolist()
