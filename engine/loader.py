@@ -267,7 +267,7 @@ def layer_devices(model) -> list[str] | None:
 def load_processor(folder: Path):
     """The model's processor (``AutoProcessor``).
 
-    Processors that also take videos (Qwen2-VL, Qwen2.5-VL, SmolVLM) hold a video processor, and
+    Processors that also take videos (Qwen2-VL, Qwen2.5-VL, SmolVLM, Gemma 4) hold a video processor, and
     transformers' video processors need torchvision, which ``pip install torch`` does not bring.
     Without it such a processor cannot be built at all, images or not; the server takes no videos,
     so it is then built from its image processor, tokenizer and chat template alone (the image
@@ -319,29 +319,27 @@ def _processor_class(folder: Path):
         return None
 
 
-class NoVideoProcessor:
-    """Stands where a processor's video processor would be, torchvision missing: its saved settings
-    can be read (SmolVLM's chat template reads ``num_frames`` and ``fps``; unset ones are None), and
-    any use on a video is an error that says why."""
-
-    def __init__(self, settings: dict):
-        self._settings = settings
+class NoVideoProcessor(dict):
+    """Stands where a processor's video processor would be, torchvision missing: its saved settings,
+    readable as attributes (SmolVLM's chat template reads ``num_frames`` and ``fps``; unset ones are
+    None) and as the dict a processor's repr and ``to_dict`` serialise; any use on a video is an
+    error that says why."""
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        return self._settings.get(name)
+        return self.get(name)
 
     def __call__(self, *args, **kwargs):
         raise ValueError("videos need torchvision, which is not installed")
 
 
 def _image_only_processor(cls, folder: Path):
-    """``cls`` with a ``NoVideoProcessor`` for its video processor: a subclass that lets that one part
-    through the class check, so the processor's own ``__init__`` and ``__call__`` run unchanged."""
-    import inspect
-
-    from transformers import AutoImageProcessor, AutoTokenizer
+    """``cls`` loaded by its own ``from_pretrained`` machinery (every other part, its settings and its
+    chat template, as transformers reads them) but for the video processor, for which a
+    ``NoVideoProcessor`` stands in: a subclass lets it through the class check, so the processor's
+    own ``__init__`` and ``__call__`` run unchanged."""
+    parts = cls.get_attributes()
 
     class ImageOnly(cls):
         def check_argument_for_proper_class(self, argument_name, argument):
@@ -349,31 +347,16 @@ def _image_only_processor(cls, folder: Path):
                 return NoVideoProcessor
             return super().check_argument_for_proper_class(argument_name, argument)
 
+    class OtherParts(cls):  # loads every part but the video processor
+        @classmethod
+        def get_attributes(klass):
+            return [p for p in parts if p != "video_processor"]
+
     ImageOnly.__name__, ImageOnly.__qualname__ = cls.__name__, cls.__qualname__
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    # the processor's chat template (it places the image tokens): its own file first, as
-    # transformers reads it
-    template = None
-    if (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text()
-    if template is None:
-        template = _read_json(folder / "chat_template.json").get("chat_template")
-    if template is None:
-        template = tokenizer.chat_template
-    # the processor's own settings (e.g. SmolVLM's image_seq_len), as far as its __init__ takes them
-    takes = inspect.signature(cls.__init__).parameters
-    settings = {
-        k: v
-        for k, v in _read_json(folder / "processor_config.json").items()
-        if k in takes and k not in ("self", "image_processor", "tokenizer", "video_processor", "chat_template")
-    }
-    return ImageOnly(
-        image_processor=AutoImageProcessor.from_pretrained(folder),
-        tokenizer=tokenizer,
-        video_processor=NoVideoProcessor(_read_json(folder / "video_preprocessor_config.json")),
-        chat_template=template,
-        **settings,
-    )
+    processor_dict, kwargs = cls.get_processor_dict(folder)
+    args = OtherParts._get_arguments_from_pretrained(folder, processor_dict)
+    args.insert(parts.index("video_processor"), NoVideoProcessor(_read_json(folder / "video_preprocessor_config.json")))
+    return ImageOnly.from_args_and_dict(args, processor_dict, **kwargs)
 
 
 def load_model(

@@ -15,22 +15,15 @@ log = logging.getLogger("chatserve.engine")
 
 
 def attends_both_ways_within_images(model) -> bool:
-    """Whether the model's own forward lets an image's tokens attend to each other both ways
-    (Gemma 3, Gemma 4, ...) rather than causally: its modeling code builds its masks with
-    transformers' ``blockwise_overlay``, whose blocks are the runs of image tokens."""
-    import inspect
-    import sys
-
-    for cls in type(model).__mro__:
-        module = sys.modules.get(cls.__module__)
-        if module is None or not cls.__module__.startswith("transformers.models."):
-            continue
-        try:
-            source = inspect.getsource(module)
-        except (OSError, TypeError):
-            continue
-        if "blockwise_overlay(" in source:
-            return True
+    """Whether the model's own forward lets an image's tokens attend to each other both ways rather
+    than causally, as each family's transformers code decides it: Gemma 3 (and ShieldGemma 2, built
+    on it) always; Gemma 4 when its text config says ``use_bidirectional_attention="vision"`` (its
+    larger models); no other family served here."""
+    config = model.config
+    if config.model_type in ("gemma3", "shieldgemma2"):
+        return True
+    if config.model_type in ("gemma4", "gemma4_unified"):
+        return getattr(config.get_text_config(), "use_bidirectional_attention", None) == "vision"
     return False
 
 

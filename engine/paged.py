@@ -394,10 +394,7 @@ def forward(
         mask = _placeholder_masks[str(device)] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
     inputs = {"input_ids": ids}
     if images is not None:
-        at, rows = images
-        embeds = model.get_input_embeddings()(ids)
-        embeds[0, torch.tensor(at, dtype=torch.long, device=device)] = rows.to(embeds.dtype)
-        inputs = {"inputs_embeds": embeds}
+        inputs = _merged_inputs(model, ids, *images)
     # a model spread over GPUs (device_map) ends on whichever holds its last layers: a CPU index
     # serves any device
     hf_map = getattr(model, "hf_device_map", None) or {}
@@ -411,6 +408,29 @@ def forward(
         **{cache_kw: step},
     )
     return out.logits[0].float()
+
+
+def _merged_inputs(model, ids: torch.Tensor, at: list[int], rows: torch.Tensor) -> dict:
+    """The step's input embeddings with the images' rows in place of their placeholders.
+
+    Models with per-layer token embeddings (Gemma 4) look those up by token id, which merged
+    embeddings no longer carry, so they are passed too, made as the model's own forward makes them:
+    every image, video and audio placeholder token counts as padding there, in both tables (a
+    generated placeholder token included; steps without images take the model's own path)."""
+    text = getattr(getattr(model, "model", None), "language_model", None)
+    per_layer = getattr(text, "hidden_size_per_layer_input", None) and hasattr(text, "get_per_layer_inputs")
+    if per_layer:
+        cfg = model.config
+        ids = ids.clone()
+        for name in ("image_token_id", "video_token_id", "audio_token_id"):
+            placeholder = getattr(cfg, name, None)
+            if placeholder is not None:
+                ids[ids == placeholder] = cfg.get_text_config().pad_token_id
+    embeds = model.get_input_embeddings()(ids)
+    embeds[0, torch.tensor(at, dtype=torch.long, device=ids.device)] = rows.to(embeds.dtype)
+    if per_layer:
+        return {"inputs_embeds": embeds, "per_layer_inputs": text.get_per_layer_inputs(ids, None)}
+    return {"inputs_embeds": embeds}
 
 
 def install(model, cache_kw: str, device, layer_devices: list | None = None) -> bool:

@@ -1,6 +1,6 @@
 """Vision-language models over HTTP: tiny random-weight LLaVA, LLaVA-NeXT, Idefics3, SmolVLM,
-Gemma 3 and Qwen2.5-VL with their real processors (SmolVLM's and Qwen2.5-VL's are built without
-their video processors where torchvision is missing), images as data: URLs and from a local image
+Gemma 3, Gemma 4 and Qwen2.5-VL with their real processors (SmolVLM's, Gemma 4's and Qwen2.5-VL's
+are built without their video processors where torchvision is missing), images as data: URLs and from a local image
 server on 127.0.0.1. Qwen2-VL has its own module (test_vlm_qwen2vl.py).
 
 The tiny models' words are random, so outputs are compared between runs (alone vs in a batch,
@@ -25,6 +25,7 @@ from conftest import make_engine, serve_engine
 from PIL import Image
 from tiny_models import (
     build_tiny_gemma3,
+    build_tiny_gemma4,
     build_tiny_idefics3,
     build_tiny_llava,
     build_tiny_llava_next,
@@ -116,6 +117,7 @@ BUILDERS = {
     "idefics3": build_tiny_idefics3,
     "smolvlm": build_tiny_smolvlm,
     "gemma3": build_tiny_gemma3,
+    "gemma4": build_tiny_gemma4,
     "qwen25vl": build_tiny_qwen25vl,
 }
 
@@ -180,8 +182,10 @@ def test_a_data_url_image_gives_the_tokens_of_model_generate(client, vlm):
     # usage counts the image tokens the processor expanded
     n_image = resp["usage"]["prompt_tokens"] - plain["usage"]["prompt_tokens"]
     # LLaVA: 2x2 patches; LLaVA-NeXT: the base view's 4 and a tile grid's; Idefics3 and SmolVLM: 4
-    # tiles + a global view, 4 each; Gemma 3: 16 patches pooled to 4; Qwen2.5-VL: 28x28 pixels each
-    per_image = {"llava": 4, "llava_next": 8, "idefics3": 20, "smolvlm": 20, "gemma3": 4, "qwen25vl": 4}[family]
+    # tiles + a global view, 4 each; Gemma 3: 16 patches pooled to 4; Gemma 4: 4-pixel patches pooled
+    # 2x2; Qwen2.5-VL: 28x28 pixels each
+    per_image = {"llava": 4, "llava_next": 8, "idefics3": 20, "smolvlm": 20, "gemma3": 4, "gemma4": 8, "qwen25vl": 4}
+    per_image = per_image[family]
     assert n_image >= per_image
     assert engine.stats["images_encoded"] >= 1
 
@@ -506,25 +510,41 @@ def test_json_schema_logprobs_seeds_and_stop_strings_work_with_images(client, vl
         assert stop not in cut and full.startswith(cut)
 
 
-def test_gemma3_image_tokens_attend_to_each_other_both_ways_as_in_its_own_forward(tmp_path):
-    """Gemma 3's own forward lets an image's tokens attend to each other both ways (causal elsewhere).
-    Served in prompt chunks of 3 tokens, which would cut its 4-token images apart, and beside a
-    text request, the first token's logprobs equal the model's own forward over the processor's
-    inputs; a causal-only forward differs by far more than the tolerance, so this would show it."""
-    folder = build_tiny_gemma3(tmp_path / "gemma3")
-    engine = make_engine(folder, prefill_chunk=3)
-    assert engine.images_attend_both_ways
+# (family, its marks for the model's masks, whether an image's tokens attend to each other both ways)
+IMAGE_ATTENTION = {
+    "gemma3": ("token_type_ids", True),
+    "gemma4": ("mm_token_type_ids", False),  # Gemma 4's smaller models
+    "gemma4_vision": ("mm_token_type_ids", True),  # use_bidirectional_attention="vision": its larger ones
+}
+
+
+@pytest.mark.parametrize("family", sorted(IMAGE_ATTENTION))
+def test_image_tokens_attend_to_each_other_as_in_the_models_own_forward(tmp_path, family):
+    """Gemma 3's own forward, and Gemma 4's where its config says so, let an image's tokens attend to
+    each other both ways (causal elsewhere); Gemma 4's smaller models attend causally. Served in
+    prompt chunks of 3 tokens, which would cut an image apart, and beside a text request, the first
+    token's logprobs equal the model's own forward over the processor's inputs; where images attend
+    both ways, a causal-only forward differs by far more than the tolerance, so this would show it."""
+    build = {
+        "gemma3": build_tiny_gemma3,
+        "gemma4": build_tiny_gemma4,
+        "gemma4_vision": lambda path: build_tiny_gemma4(path, images_both_ways=True),
+    }[family]
+    marks, both_ways = IMAGE_ATTENTION[family]
+    engine = make_engine(build(tmp_path / family), prefill_chunk=3)
+    assert engine.images_attend_both_ways is both_ways
     messages = image_msg(data_url(RED), data_url(BLUE))
     images = [Image.open(io.BytesIO(raw)).convert("RGB") for raw in (RED, BLUE)]
     enc = engine.prompts.processor(
         text=[engine.prompts.render_text(messages)], images=images, return_tensors="pt", add_special_tokens=False
     )
-    assert int(enc["token_type_ids"].sum()) == 8  # two images, 4 tokens each, marked for the model's masks
+    image_tokens = int((enc["input_ids"] == engine.image_token_id).sum())
+    assert image_tokens >= 8 and int(enc[marks].sum()) == image_tokens  # marked for the model's masks
     with torch.inference_mode():
         own = engine.model(**enc).logits[0, -1].log_softmax(-1)
-        causal = engine.model(**{k: v for k, v in enc.items() if k != "token_type_ids"}).logits[0, -1].log_softmax(-1)
+        causal = engine.model(**{k: v for k, v in enc.items() if k != marks}).logits[0, -1].log_softmax(-1)
     expected = own.topk(5)
-    assert (causal[expected.indices] - expected.values).abs().max() > 1e-3
+    assert bool((causal[expected.indices] - expected.values).abs().max() > 1e-3) is both_ways
     try:
         with serve_engine(engine) as srv, httpx.Client(base_url=srv.base_url, timeout=60) as client:
             body = {"max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": 5}

@@ -379,6 +379,90 @@ def build_tiny_gemma3(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def build_tiny_gemma4(path: Path, seed: int = 0, images_both_ways: bool = False) -> Path:
+    """Gemma 4 with images: build_tiny_gemma4_text's text model (KV-shared layers, per-layer
+    embeddings) and a 1-layer vision tower (4-pixel patches pooled 2x2, 70 soft tokens at most).
+    ``images_both_ways``: ``use_bidirectional_attention="vision"``, as Gemma 4's larger models set,
+    so an image's tokens attend to each other both ways; otherwise causally, as in its smaller ones.
+    Its processor's files are written part by part, as a Hub checkpoint holds them (its video
+    processor needs torchvision to be built, the loader then leaves it out)."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names = {
+        "boi_token": "<|image>",
+        "eoi_token": "<image|>",
+        "image_token": "<|image|>",
+        "boa_token": "<|audio>",
+        "eoa_token": "<audio|>",
+        "audio_token": "<|audio|>",
+    }
+    tok = build_tokenizer(path, None)
+    tok.add_special_tokens({"additional_special_tokens": [*names.values(), "<|video|>"]})
+    tok.save_pretrained(path)
+    tok = transformers.AutoTokenizer.from_pretrained(path, extra_special_tokens=names)
+    tok.chat_template = _vlm_template("<|image|>")
+    tok.save_pretrained(path)
+    image_processor = transformers.Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=2)
+    processor = {
+        "processor_class": "Gemma4Processor",
+        "image_seq_length": 70,
+        "image_processor": {**image_processor.to_dict(), "image_processor_type": "Gemma4ImageProcessor"},
+        "feature_extractor": transformers.Gemma4AudioFeatureExtractor().to_dict(),
+    }
+    (path / "processor_config.json").write_text(json.dumps(processor, indent=2, default=str))
+    video = {"video_processor_type": "Gemma4VideoProcessor", "processor_class": "Gemma4Processor"}
+    (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+    ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
+    text = transformers.Gemma4TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        max_position_embeddings=1024,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=len(tok),
+        eos_token_id=tok.eos_token_id,
+        use_bidirectional_attention="vision" if images_both_ways else None,
+        initializer_range=0.1,  # Gemma's 0.02 leaves near-even logprobs: ties a batch's rounding could flip
+    )
+    vision = transformers.Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=4,
+        pooling_kernel_size=2,
+        position_embedding_size=64,
+    )
+    config = transformers.Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=None,
+        boi_token_id=ids["boi_token"],
+        eoi_token_id=ids["eoi_token"],
+        image_token_id=ids["image_token"],
+        video_token_id=tok.convert_tokens_to_ids("<|video|>"),
+        audio_token_id=ids["audio_token"],
+        boa_token_id=ids["boa_token"],
+        eoa_token_index=ids["eoa_token"],
+    )
+    torch.manual_seed(seed)
+    transformers.Gemma4ForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
 QWEN2VL_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 
 
