@@ -334,7 +334,7 @@ class Engine(PromptAPI, KVAdmission, MultimodalMixin, OutputMixin, FallbackSteps
             if self.mrope:
                 position_parts.append(self._mrope_positions(seq, start, n))
             runs = [(a, b) for a, b in seq.image_runs if a < start + n and b > start]
-            chunks.append((seq.block_table, start, n, runs) if runs else (seq.block_table, start, n))
+            chunks.append((seq.block_table, start, n, runs))
             seq.num_prefilled += n
             self.stats["prefill_tokens"] += n
             if seq.num_prefilled >= seq.num_tokens:

@@ -11,7 +11,6 @@ and these tests show that path serves images all the same.
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ from test_vlm import (
     BLUE,
     RED,
     ask,
+    batch_equals_alone,
     data_url,
     image_msg,
     png,
@@ -97,17 +97,7 @@ def test_streaming_with_an_image_equals_the_non_streamed_reply(client):
 def test_a_batch_of_image_and_text_requests_equals_each_alone(client):
     """Image rows (grid positions) and text rows (one position on all three axes) in the same packed
     steps: each request's greedy tokens are those it gets alone."""
-    images = [RED, BLUE, WIDE]
-    requests = []
-    for i in range(8):
-        if i % 2:
-            requests.append(image_msg(data_url(images[i % 3]), text=f"Image {i}: what is it?"))
-        else:
-            requests.append([{"role": "user", "content": f"Text request {i}"}])
-    alone = [text_of(ask(client, m)) for m in requests]
-    with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(lambda m: text_of(ask(client, m)), requests))
-    assert together == alone
+    batch_equals_alone(client, [BLUE, RED, WIDE])
 
 
 def test_the_same_text_with_other_images_shares_no_image_kv(client, qwen, qwen_dir):

@@ -126,6 +126,32 @@ def _tiny_text_config(vocab_size: int, eos: int, max_position_embeddings: int = 
     )  # larger weights: outputs depend on the inputs
 
 
+def _tiny_gemma4_text_config(tok, **overrides):
+    """Gemma 4's text model, tiny: 4 layers alternating sliding-window (16 tokens) and full attention,
+    the last two reusing the first two's keys and values, per-layer inputs of 8."""
+    import transformers
+
+    return transformers.Gemma4TextConfig(
+        **{
+            "vocab_size": len(tok),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 1024,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "num_kv_shared_layers": 2,
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": len(tok),
+            "eos_token_id": tok.eos_token_id,
+            **overrides,
+        }
+    )
+
+
 def build_tiny_gemma4_text(path: Path, seed: int = 0) -> Path:
     """Gemma 4's text model: 4 layers alternating sliding-window (16 tokens) and full attention, the
     last two reusing the keys and values of the first two (KV sharing), and per-layer inputs."""
@@ -136,23 +162,7 @@ def build_tiny_gemma4_text(path: Path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path, CHAT_TEMPLATE)
     tok.save_pretrained(path)
-    config = transformers.Gemma4TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        num_kv_shared_layers=2,
-        hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=len(tok),
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.3,
-    )
+    config = _tiny_gemma4_text_config(tok, initializer_range=0.3)
     torch.manual_seed(seed)
     transformers.Gemma4ForCausalLM(config).save_pretrained(path)
     return path
@@ -161,67 +171,30 @@ def build_tiny_gemma4_text(path: Path, seed: int = 0) -> Path:
 def build_tiny_llava(path: Path, seed: int = 0) -> Path:
     """LLaVA: a 1-layer CLIP vision tower on 28x28 images (4 patches -> 4 image tokens per image),
     a projector and the 2-layer Llama; a real LlavaProcessor (CLIP image processor)."""
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(path, None)
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-        chat_template=_vlm_template("<image>"),
-    )
-    config = LlavaConfig(
-        text_config=_tiny_text_config(len(tok), tok.eos_token_id),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-            projection_dim=32,
-        ),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return _build_llava_family(path, seed, next_=False)
 
 
 def build_tiny_llava_next(path: Path, seed: int = 0) -> Path:
     """LLaVA-NeXT: LLaVA's tiny tower and Llama with "anyres" tiling: an image is resized to the best
     of three grids (28x28, 28x56, 56x28), cut into 28x28 tiles plus a base view, and its features
     unpadded to the image's aspect ratio with a newline embedding per row; a real LlavaNextProcessor."""
+    return _build_llava_family(path, seed, next_=True)
+
+
+def _build_llava_family(path: Path, seed: int, next_: bool) -> Path:
     import torch
     import transformers
 
+    family = "LlavaNext" if next_ else "Llava"
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path, None)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    pins = [[28, 28], [28, 56], [56, 28]]
-    image_processor = transformers.LlavaNextImageProcessor(
-        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pins
+    tiles = {"image_grid_pinpoints": [[28, 28], [28, 56], [56, 28]]} if next_ else {}
+    image_processor = getattr(transformers, "LlavaNextImageProcessor" if next_ else "CLIPImageProcessor")(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, **tiles
     )
-    processor = transformers.LlavaNextProcessor(
+    processor = getattr(transformers, f"{family}Processor")(
         image_processor=image_processor,
         tokenizer=tok,
         patch_size=14,
@@ -230,7 +203,7 @@ def build_tiny_llava_next(path: Path, seed: int = 0) -> Path:
         num_additional_image_tokens=1,
         chat_template=_vlm_template("<image>"),
     )
-    config = transformers.LlavaNextConfig(
+    config = getattr(transformers, f"{family}Config")(
         text_config=_tiny_text_config(len(tok), tok.eos_token_id),
         vision_config=transformers.CLIPVisionConfig(
             hidden_size=32,
@@ -244,11 +217,11 @@ def build_tiny_llava_next(path: Path, seed: int = 0) -> Path:
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
-        image_grid_pinpoints=pins,
         initializer_range=0.3,
+        **tiles,
     )
     torch.manual_seed(seed)
-    transformers.LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    getattr(transformers, f"{family}ForConditionalGeneration")(config).save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
@@ -416,22 +389,9 @@ def build_tiny_gemma4(path: Path, seed: int = 0, images_both_ways: bool = False)
     video = {"video_processor_type": "Gemma4VideoProcessor", "processor_class": "Gemma4Processor"}
     (path / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in names.items()}
-    text = transformers.Gemma4TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+    text = _tiny_gemma4_text_config(
+        tok,
         global_head_dim=32,
-        max_position_embeddings=1024,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        num_kv_shared_layers=2,
-        hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=len(tok),
-        eos_token_id=tok.eos_token_id,
         use_bidirectional_attention="vision" if images_both_ways else None,
         initializer_range=0.1,  # Gemma's 0.02 leaves near-even logprobs: ties a batch's rounding could flip
     )
