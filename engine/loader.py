@@ -200,6 +200,31 @@ def placement(devices: list[str]) -> str:
     return ", ".join(f"{d} layer {a}" if a == b else f"{d} layers {a}-{b}" for d, a, b in runs)
 
 
+def check_torchvision() -> None:
+    """A ModelLoadError if torchvision is installed but does not import, which is what a torchvision
+    built for another torch does ("operator torchvision::nms does not exist"). transformers imports it
+    whenever it is installed, so such a torchvision stops any model, text ones included, with an
+    import error that names neither package. Called before anything imports transformers."""
+    if importlib.util.find_spec("torchvision") is None:
+        return  # not installed: fine, processors are built without their video part (load_processor)
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 (RuntimeError from its operator registrations, ImportError, OSError)
+        import torch
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = f"torchvision {version('torchvision')}"
+        except PackageNotFoundError:
+            found = "torchvision"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(
+            f"{found} is installed but does not load with torch {torch.__version__} "
+            f"({type(exc).__name__}: {first}); it was built for another torch. Install the "
+            "torchvision built for this torch, or uninstall it (images are served without it)"
+        ) from None
+
+
 def pick_device(device: str) -> str:
     import torch
 

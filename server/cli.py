@@ -212,8 +212,11 @@ def resolve_serve_settings(args: argparse.Namespace) -> ServeSettings:
 def build_app(settings: ServeSettings | dict):
     """Load every model, start their engines, and return (app, engines). A name two models end up
     with (one derived from a folder name, say) is a ConfigError; nothing stays running then."""
+    from engine.loader import ModelLoadError, check_torchvision, load_model
+
+    check_torchvision()  # before the engine's imports pull in transformers, which imports it
+
     from engine.engine import Engine, EngineConfig
-    from engine.loader import ModelLoadError, load_model
     from engine.remote import RemoteEngine, RemoteModel, load_model_in_core
 
     from .app import create_app

@@ -61,3 +61,34 @@ def test_the_cli_prints_one_line_and_exits_1_when_the_model_is_missing(offline_c
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("chatserve: model nobody/not-here is not in the Hugging Face cache")
+
+
+def test_a_torchvision_built_for_another_torch_is_one_clear_error_not_a_transformers_traceback(tmp_path, tiny_model_dir):
+    """transformers imports torchvision whenever it is installed, so one that does not load with this
+    torch (here a stand-in failing as such a build does) stopped even text models, with "Could not
+    import module 'AttentionInterface'". The server now names the package and exits 1 with one line.
+    A fresh interpreter: the stand-in must be what `import torchvision` finds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "site"
+    (fake / "torchvision").mkdir(parents=True)
+    (fake / "torchvision" / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    dist = fake / "torchvision-9.9.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 9.9.0\n")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", "from server.cli import main; main()", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--port", "1"],
+        cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": f"{fake}:{root}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("chatserve: torchvision 9.9.0 is installed but does not load with torch "), err[-1]
+    assert "RuntimeError: operator torchvision::nms does not exist" in err[-1]
+    assert "Traceback" not in proc.stderr
