@@ -24,6 +24,14 @@ request is one of these kinds, drawn with the ``--mix`` weights:
                 top_logprobs
   disconnect    a streamed request (max_tokens 128) whose client closes the connection after a few
                 content chunks
+  bad_image     (vision-language models; not in the default mix) an image part that is malformed
+                base64 or bytes that are not an image, streamed or not: must be a 400 in OpenAI's
+                error shape
+
+With ``--images F`` (a vision-language model), a share F of the other requests carry one or two
+data-URL PNG images before their text, drawn from 6 of several colours and sizes (so the prefix cache
+sees the same text with other images, and the same images again); their kind is reported as
+KIND+img, checked as KIND.
 
 Each request's record: kind, HTTP status, latency (send -> last byte, or -> close for a disconnect),
 TTFT for streams, finish_reason, tokens, and its outcome: ok, or one of http_error (a non-200),
@@ -64,7 +72,7 @@ import jsonschema  # noqa: E402
 from benchmarks.run_all import rss_mb, start_server, stop  # noqa: E402
 from server.bench import percentile  # noqa: E402
 
-KINDS = ("stream", "nonstream", "json_schema", "tools", "tools_stream", "stop", "logprobs", "disconnect")
+KINDS = ("stream", "nonstream", "json_schema", "tools", "tools_stream", "stop", "logprobs", "disconnect", "bad_image")
 DEFAULT_MIX = "stream=3,nonstream=2,json_schema=2,tools=2,tools_stream=1,stop=2,logprobs=1,disconnect=1"
 STREAMED = {"stream", "tools_stream", "disconnect"}  # "stop" is streamed or not at random
 
@@ -141,6 +149,31 @@ class Rec:
     chunks: int = 0
 
 
+def _png_data_url(rgb: tuple[int, int, int], size: tuple[int, int]) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+_IMAGES: list[str] = []
+
+
+def images_pool() -> list[str]:
+    if not _IMAGES:
+        colours = [(200, 30, 30), (30, 160, 60), (40, 60, 200), (240, 200, 20), (90, 90, 90), (250, 250, 250)]
+        sizes = [(32, 32), (64, 48), (48, 96)]
+        _IMAGES.extend(_png_data_url(c, sizes[i % len(sizes)]) for i, c in enumerate(colours))
+    return _IMAGES
+
+
+BAD_IMAGES = ["data:image/png;base64,@@not*base64@@", "data:image/png;base64,aGVsbG8gd29ybGQ="]  # "hello world"
+
+
 class Failed(Exception):
     def __init__(self, outcome: str, reason: str, detail: str = ""):
         super().__init__(f"{outcome}/{reason}: {detail}")
@@ -184,7 +217,19 @@ def build(kind: str, model: str, rng: random.Random, args) -> tuple[dict, dict]:
     elif kind == "disconnect":
         p["max_tokens"] = 128
         ctx["close_after"] = rng.randint(2, 5)
-    stream = kind in STREAMED or (kind == "stop" and rng.random() < 0.5)
+    if kind == "bad_image":
+        urls = [rng.choice(BAD_IMAGES)]
+    elif args.images and rng.random() < args.images:
+        urls = rng.sample(images_pool(), rng.choice([1, 1, 2]))
+    else:
+        urls = []
+    if urls:
+        ctx["images"] = len(urls)
+        text = p["messages"][0]["content"]
+        p["messages"][0]["content"] = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [
+            {"type": "text", "text": text}
+        ]
+    stream = kind in STREAMED or (kind in ("stop", "bad_image") and rng.random() < 0.5)
     if stream:
         p["stream"] = True
         p["stream_options"] = {"include_usage": True}
@@ -335,13 +380,33 @@ def check(kind: str, p: dict, ctx: dict, out: dict, rec: Rec) -> None:
         raise wrong("empty_content", f"{rec.completion_tokens} tokens but no content")
 
 
+async def refused(client: httpx.AsyncClient, url: str, p: dict, rec: Rec) -> None:
+    """A bad image must be a 400 with an OpenAI-shaped error naming the problem, streamed or not."""
+    resp = await client.post(url, json=p)
+    rec.status = resp.status_code
+    if resp.status_code != 400:
+        raise wrong("bad_image_not_400", f"{resp.status_code}: {resp.text[:200]}")
+    try:
+        err = resp.json()["error"]
+        ok = bool(err["message"]) and bool(err["type"])
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise wrong("bad_error_shape", resp.text[:300])
+    rec.finish_reason = "refused"
+
+
 async def one(client: httpx.AsyncClient, url: str, kind: str, model: str, rng: random.Random, args, t0: float) -> Rec:
     p, ctx = build(kind, model, rng, args)
     start = time.perf_counter()
-    rec = Rec(kind=kind, stream=bool(p.get("stream")), start_s=start - t0)
+    label = f"{kind}+img" if ctx.get("images") and kind != "bad_image" else kind
+    rec = Rec(kind=label, stream=bool(p.get("stream")), start_s=start - t0)
     try:
-        out = await asyncio.wait_for(send(client, url, p, rec, ctx), args.request_timeout)
-        check(kind, p, ctx, out, rec)
+        if kind == "bad_image":
+            await asyncio.wait_for(refused(client, url, p, rec), args.request_timeout)
+        else:
+            out = await asyncio.wait_for(send(client, url, p, rec, ctx), args.request_timeout)
+            check(kind, p, ctx, out, rec)
     except Failed as f:
         rec.outcome, rec.reason, rec.detail = f.outcome, f.reason, f.detail
     except (asyncio.TimeoutError, httpx.TimeoutException) as e:
@@ -801,6 +866,9 @@ def main() -> int:
     )
     ap.add_argument("--settle-s", type=float, default=30.0, help="how long to wait for running/waiting to be 0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--images", type=float, default=0.0, help="share of requests that carry images (a vision-language model)"
+    )
     ap.add_argument("--base-url", help="a running server (loopback only), e.g. http://127.0.0.1:8000")
     ap.add_argument("--pid", type=int, help="with --base-url: the server's PID, for RSS")
     ap.add_argument("--model", default=None, help="model spec for the server started here")
