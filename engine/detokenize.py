@@ -7,6 +7,28 @@ from functools import lru_cache
 REPLACEMENT = "\ufffd"
 
 
+def backend_decode(tokenizer):
+    """The ``tokenizers`` library's own ``decode``, where the tokenizer's ``decode`` is transformers'
+    wrapper around it unchanged (with ``clean_up_tokenization_spaces=False`` that wrapper only
+    converts its arguments, but it costs 5x the decode itself: two decodes per token and row made
+    it most of a decode step's time outside the forward at 64 rows); else None (tokenizers that
+    decode their own way keep their ``decode``)."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: its decode, as is
+        return None
+    cls = type(tokenizer)
+    if (
+        not isinstance(tokenizer, TokenizersBackend)
+        or cls.decode is not PreTrainedTokenizerBase.decode
+        or cls._decode is not TokenizersBackend._decode
+    ):
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return getattr(backend, "decode", None)
+
+
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas.
 
@@ -16,15 +38,18 @@ class IncrementalDetokenizer:
     that tokenizers that drop a leading space on the first piece decode the first token right.
     """
 
-    __slots__ = ("tokenizer", "ids", "prefix_offset", "read_offset")
+    __slots__ = ("tokenizer", "ids", "prefix_offset", "read_offset", "_backend")
 
     def __init__(self, tokenizer, prompt_ids: list[int] | None = None, context: int = 4):
         self.tokenizer = tokenizer
         self.ids: list[int] = list(prompt_ids[-context:]) if prompt_ids else []
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        self._backend = backend_decode(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:

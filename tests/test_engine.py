@@ -323,6 +323,32 @@ def test_detokenizer_never_emits_a_split_character(engine):
     assert "".join(deltas) == text
 
 
+def test_detokenized_text_is_the_tokenizers_decode_and_a_tokenizer_that_decodes_its_own_way_keeps_it(engine):
+    """The detokenizer calls the tokenizers library directly where transformers' decode only wraps it;
+    the text is the same (special tokens skipped), and a tokenizer class with a decode of its own
+    is still decoded by it."""
+    import copy
+
+    tok = engine.tokenizer
+    ids = tok("Hello there, café 😀", add_special_tokens=False)["input_ids"]
+    ids = ids + [tok.eos_token_id] + tok(" and more", add_special_tokens=False)["input_ids"]
+
+    def detokenized(t):
+        detok = IncrementalDetokenizer(t)
+        return "".join(detok.add(i) for i in ids) + detok.flush()
+
+    expected = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert detokenized(tok) == expected and "café 😀" in expected
+
+    class Shouting(type(tok)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    loud = copy.copy(tok)
+    loud.__class__ = Shouting
+    assert detokenized(loud) == expected.upper() != expected
+
+
 @pytest.mark.parametrize(
     "pieces, stops, expected, stopped",
     [
