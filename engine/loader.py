@@ -210,8 +210,9 @@ def check_torchvision() -> None:
     try:
         import torchvision  # noqa: F401
     except Exception as exc:  # noqa: BLE001 (RuntimeError from its operator registrations, ImportError, OSError)
-        import torch
         from importlib.metadata import PackageNotFoundError, version
+
+        import torch
 
         try:
             found = f"torchvision {version('torchvision')}"

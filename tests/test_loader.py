@@ -63,7 +63,7 @@ def test_the_cli_prints_one_line_and_exits_1_when_the_model_is_missing(offline_c
     assert len(err) == 1 and err[0].startswith("chatserve: model nobody/not-here is not in the Hugging Face cache")
 
 
-def test_a_torchvision_built_for_another_torch_is_one_clear_error_not_a_transformers_traceback(tmp_path, tiny_model_dir):
+def test_a_torchvision_built_for_another_torch_is_one_clear_error_not_a_traceback(tmp_path, tiny_model_dir):
     """transformers imports torchvision whenever it is installed, so one that does not load with this
     torch (here a stand-in failing as such a build does) stopped even text models, with "Could not
     import module 'AttentionInterface'". The server now names the package and exits 1 with one line.
@@ -74,13 +74,15 @@ def test_a_torchvision_built_for_another_torch_is_one_clear_error_not_a_transfor
 
     fake = tmp_path / "site"
     (fake / "torchvision").mkdir(parents=True)
-    (fake / "torchvision" / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    failure = 'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    (fake / "torchvision" / "__init__.py").write_text(failure)
     dist = fake / "torchvision-9.9.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torchvision\nVersion: 9.9.0\n")
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
-        [sys.executable, "-c", "from server.cli import main; main()", "serve", "--model", str(tiny_model_dir), "--device", "cpu", "--port", "1"],
+        [sys.executable, "-c", "from server.cli import main; main()"]
+        + ["serve", "--model", str(tiny_model_dir), "--device", "cpu", "--port", "1"],
         cwd=root,
         env={**__import__("os").environ, "PYTHONPATH": f"{fake}:{root}"},
         capture_output=True,
