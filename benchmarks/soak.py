@@ -29,8 +29,8 @@ request is one of these kinds, drawn with the ``--mix`` weights:
                 error shape
 
 With ``--images F`` (a vision-language model), a share F of the other requests carry one or two
-data-URL PNG images before their text, drawn from 6 of several colours and sizes (so the prefix cache
-sees the same text with other images, and the same images again); their kind is reported as
+data-URL PNG images before their text, drawn from 6 images of different colours and sizes (so the
+prefix cache sees the same text with other images, and the same images again); their kind is reported as
 KIND+img, checked as KIND.
 
 Each request's record: kind, HTTP status, latency (send -> last byte, or -> close for a disconnect),
@@ -381,7 +381,7 @@ def check(kind: str, p: dict, ctx: dict, out: dict, rec: Rec) -> None:
 
 
 async def refused(client: httpx.AsyncClient, url: str, p: dict, rec: Rec) -> None:
-    """A bad image must be a 400 with an OpenAI-shaped error naming the problem, streamed or not."""
+    """A bad image must be a 400 with an OpenAI-shaped error (a message and a type), streamed or not."""
     resp = await client.post(url, json=p)
     rec.status = resp.status_code
     if resp.status_code != 400:
