@@ -101,21 +101,22 @@ def plan_num_blocks(
     if gb is not None:  # the whole pool's size, over every device
         n, why = int(gb * 2**30) // (shape.bytes_per_token() * block_size), f"{gb:g} GiB (set)"
     else:
-        counts: dict[torch.device, list[int]] = {}
+        on_device: dict[torch.device, list[int]] = {}
         for i, d in enumerate(layers):
-            counts.setdefault(d, []).append(i)
+            on_device.setdefault(d, []).append(i)
         fraction = 0.9 if memory_fraction is None else memory_fraction
         n, why = None, ""
-        for d, num in counts.items():
+        for d, which in on_device.items():
             if d.type == "cuda":
                 free, _total = torch.cuda.mem_get_info(d)
                 budget = int(free * fraction)
                 said = f"{fraction:g} of the {free / 2**30:.1f} GiB free after loading the model"
             else:
                 budget, said = int(DEFAULT_CPU_GB * 2**30), f"{DEFAULT_CPU_GB:g} GiB (default off CUDA)"
-            fits = budget // max(1, shape.bytes_per_token(num) * block_size)
+            fits = budget // max(1, shape.bytes_per_token(which) * block_size)
             if n is None or fits < n:
-                n, why = fits, said + (f" on {d} ({len(num)} of {shape.num_layers} layers)" if len(counts) > 1 else "")
+                where = f" on {d} ({len(which)} of {shape.num_layers} layers)" if len(on_device) > 1 else ""
+                n, why = fits, said + where
     n = max(2, n)
     if n > need:
         return need, f"{need} blocks: enough for {max_running} rows at {max_model_len} tokens (budget {why})"

@@ -218,7 +218,7 @@ def check_torchvision() -> None:
             found = f"torchvision {version('torchvision')}"
         except PackageNotFoundError:
             found = "torchvision"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise ModelLoadError(
             f"{found} is installed but does not load with torch {torch.__version__} "
             f"({type(exc).__name__}: {first}); it was built for another torch. Install the "

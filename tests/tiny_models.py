@@ -61,6 +61,23 @@ def build_tokenizer(path: Path, chat_template: str | None = CHAT_TEMPLATE):
     return fast
 
 
+# Every tiny text model's widths.
+TINY_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def _tiny_sliding_layers() -> dict:
+    """Gemma 3's and Gemma 4's tiny layer stack: 4 layers of head size 16 alternating sliding-window
+    (16 tokens) and full attention."""
+    return {
+        **TINY_DIMS,
+        "num_hidden_layers": 4,
+        "head_dim": 16,
+        "max_position_embeddings": 1024,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    }
+
+
 def build_tiny_llama(
     path: Path, *, chat_template: str | None = CHAT_TEMPLATE, seed: int = 0, max_position_embeddings: int = 256
 ) -> Path:
@@ -74,11 +91,8 @@ def build_tiny_llama(
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_DIMS,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings,
         bos_token_id=tok.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
@@ -115,11 +129,8 @@ def _tiny_text_config(vocab_size: int, eos: int, max_position_embeddings: int = 
 
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        **TINY_DIMS,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings,
         eos_token_id=eos,
         initializer_range=0.3,
@@ -127,22 +138,14 @@ def _tiny_text_config(vocab_size: int, eos: int, max_position_embeddings: int = 
 
 
 def _tiny_gemma4_text_config(tok, **overrides):
-    """Gemma 4's text model, tiny: 4 layers alternating sliding-window (16 tokens) and full attention,
-    the last two reusing the first two's keys and values, per-layer inputs of 8."""
+    """Gemma 4's text model, tiny: _tiny_sliding_layers, the last two layers reusing the first two's
+    keys and values, per-layer inputs of 8."""
     import transformers
 
     return transformers.Gemma4TextConfig(
         **{
             "vocab_size": len(tok),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 1024,
-            "sliding_window": 16,
-            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            **_tiny_sliding_layers(),
             "num_kv_shared_layers": 2,
             "hidden_size_per_layer_input": 8,
             "vocab_size_per_layer_input": len(tok),
@@ -318,19 +321,7 @@ def build_tiny_gemma3(path: Path, seed: int = 0) -> Path:
         image_seq_length=4,
         chat_template=_vlm_template("<start_of_image>"),
     )
-    text = transformers.Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        eos_token_id=tok.eos_token_id,
-    )
+    text = transformers.Gemma3TextConfig(vocab_size=len(tok), **_tiny_sliding_layers(), eos_token_id=tok.eos_token_id)
     vision = transformers.SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=7
     )
